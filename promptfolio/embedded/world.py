@@ -85,11 +85,11 @@ STYLE_NAMES = ["clean", "noise", "colour_cast", "blur", "clutter", "low_contrast
 # (full strength destroys the features; prompt learning can only fix what the features keep).
 CALIBRATED_STRENGTH = {
     "clean": 0.0,
-    "noise": 0.5,
-    "colour_cast": 0.5,
-    "blur": 0.5,
-    "clutter": 0.5,
-    "low_contrast": 0.5,
+    "noise": 0.40,
+    "colour_cast": 0.68,
+    "blur": 0.72,
+    "clutter": 0.32,
+    "low_contrast": 0.67,
 }
 
 
