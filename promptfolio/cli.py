@@ -10,6 +10,7 @@ from typing import Callable
 SUBCOMMAND_MODULES = [
     "promptfolio.commands",
     "promptfolio.embedded.commands",
+    "service.commands",
 ]
 
 

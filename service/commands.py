@@ -1,0 +1,122 @@
+"""`promptfolio serve`, `promptfolio tenant add|list|rotate-key`, `promptfolio upload`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = os.environ.get("PROMPTFOLIO_STORE", ".cache/store")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    env.update({"PROMPTFOLIO_STORE": str(Path(args.store).resolve()), "PROMPTFOLIO_ARCH": args.arch,
+                "PROMPTFOLIO_PRETRAINED": args.pretrained, "BENTOML_DO_NOT_TRACK": "true"})
+    env.setdefault("BENTOML_HOME", str(Path(".cache/bentoml").resolve()))
+    if args.admin_key:
+        env["PROMPTFOLIO_ADMIN_KEY"] = args.admin_key
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:PromptFolio", "--working-dir", str(root),
+           "--host", args.host, "--port", str(args.port)]
+    print(f"serving on http://{args.host}:{args.port}/v1 (store {env['PROMPTFOLIO_STORE']})", file=sys.stderr)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def _store(args: argparse.Namespace):
+    from prompts_store.store import PromptStore
+
+    return PromptStore(args.store)
+
+
+def _classes(args: argparse.Namespace) -> list[str]:
+    if args.classes_file:
+        return [line.strip() for line in Path(args.classes_file).read_text().splitlines() if line.strip()]
+    return [c.strip() for c in args.classes.split(",") if c.strip()]
+
+
+def _tenant_add(args: argparse.Namespace) -> int:
+    if not args.classes and not args.classes_file:
+        raise ValueError("give the tenant's classes with --classes 'a,b,c' or --classes-file")
+    key = _store(args).add_tenant(args.tenant, _classes(args), args.theta)
+    print(f"tenant {args.tenant} registered; its API key (shown once, stored hashed):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _tenant_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for tenant in store.tenants():
+        record = store.tenant(tenant)
+        theta = "auto" if record.theta is None else f"{record.theta:g}"
+        print(f"{tenant}\tclasses={len(record.classes)}\ttheta={theta}\tlocal_version={store.current_version(tenant)}")
+    return 0
+
+
+def _tenant_rotate(args: argparse.Namespace) -> int:
+    print(_store(args).rotate_key(args.tenant))
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    import httpx
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such artifact file: {path}")
+    url = args.url.rstrip("/")
+    target = f"{url}/v1/global/prompt" if args.tenant is None else f"{url}/v1/tenants/{args.tenant}/prompt"
+    try:
+        response = httpx.post(target, headers={"Authorization": f"Bearer {args.key}"},
+                              files={"file": (path.name, path.read_bytes(), "application/octet-stream")},
+                              timeout=args.timeout)
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {url}: {e}") from None
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        raise ValueError(f"server answered {response.status_code}: {message}")
+    print(response.text)
+    return 0
+
+
+def add_commands(sub) -> None:
+    from promptfolio.commands import add_encoder_args
+
+    p = sub.add_parser("serve", help="run the REST service (BentoML) on the embedded default")
+    add_encoder_args(p)
+    p.add_argument("--store", default=DEFAULT_STORE, help="prompts store folder (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--admin-key", default=os.environ.get("PROMPTFOLIO_ADMIN_KEY"),
+                   help="enables the admin endpoints (or PROMPTFOLIO_ADMIN_KEY)")
+    p.set_defaults(handler=_serve)
+
+    t = sub.add_parser("tenant", help="manage tenants in a store (local admin)")
+    tsub = t.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)
+    p = tsub.add_parser("add", help="register a tenant and print its API key")
+    p.add_argument("tenant")
+    p.add_argument("--classes", help="comma-separated class names")
+    p.add_argument("--classes-file", help="one class name per line")
+    p.add_argument("--theta", type=float, help="fixed θ (default: the uploaded artifact's θ, else 0.4)")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.set_defaults(handler=_tenant_add)
+    p = tsub.add_parser("list", help="list tenants")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.set_defaults(handler=_tenant_list)
+    p = tsub.add_parser("rotate-key", help="issue a new API key (the old one stops working)")
+    p.add_argument("tenant")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.set_defaults(handler=_tenant_rotate)
+
+    p = sub.add_parser("upload", help="upload a prompt artifact to a running service over REST")
+    p.add_argument("--url", default="http://127.0.0.1:3000")
+    p.add_argument("--tenant", help="tenant id (omit with the admin key to publish a global prompt)")
+    p.add_argument("--key", required=True, help="the tenant's API key (or the admin key)")
+    p.add_argument("--file", required=True, help="a .safetensors prompt artifact")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(handler=_upload)

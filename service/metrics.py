@@ -1,0 +1,33 @@
+"""Prometheus metrics beside BentoML's own (served at /metrics)."""
+
+from __future__ import annotations
+
+import bentoml
+
+_requests = bentoml.metrics.Counter(
+    name="promptfolio_tenant_requests", documentation="Classify requests per tenant", labelnames=["tenant"])
+_images = bentoml.metrics.Counter(
+    name="promptfolio_tenant_images", documentation="Images classified per tenant", labelnames=["tenant"])
+_uploads = bentoml.metrics.Counter(
+    name="promptfolio_tenant_uploads", documentation="Local prompt uploads per tenant", labelnames=["tenant"])
+_cache = bentoml.metrics.Counter(
+    name="promptfolio_feature_cache", documentation="Tenant feature cache lookups", labelnames=["result"])
+_errors = bentoml.metrics.Counter(
+    name="promptfolio_errors", documentation="Error responses by status", labelnames=["status"])
+
+
+def count_classify(tenant: str, n_images: int) -> None:
+    _requests.labels(tenant=tenant).inc()
+    _images.labels(tenant=tenant).inc(n_images)
+
+
+def count_upload(tenant: str) -> None:
+    _uploads.labels(tenant=tenant).inc()
+
+
+def count_cache(hit: bool) -> None:
+    _cache.labels(result="hit" if hit else "miss").inc()
+
+
+def count_error(status: int) -> None:
+    _errors.labels(status=str(status)).inc()
