@@ -11,6 +11,7 @@ SUBCOMMAND_MODULES = [
     "promptfolio.commands",
     "promptfolio.embedded.commands",
     "service.commands",
+    "training.commands",
 ]
 
 

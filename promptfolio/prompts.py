@@ -53,18 +53,25 @@ class ClassPrompts:
 
     def encode(self, ctx: torch.Tensor) -> torch.Tensor:
         """ctx `[n_ctx, width]` -> normalised class features `[C, D]` (differentiable in ctx)."""
+        return self.encode_many(ctx.unsqueeze(0))[0]
+
+    def encode_many(self, ctxs: torch.Tensor) -> torch.Tensor:
+        """K contexts `[K, n_ctx, width]` -> `[K, C, D]` in one transformer call (e.g. the global and
+        local prompts of several methods at once: far fewer, larger kernels than K calls)."""
         model = self.encoder.model
-        if ctx.shape != (self.n_ctx, self.encoder.text_width):
-            raise ValueError(f"ctx shape {tuple(ctx.shape)} != ({self.n_ctx}, {self.encoder.text_width})")
+        if ctxs.ndim != 3 or ctxs.shape[1:] != (self.n_ctx, self.encoder.text_width):
+            raise ValueError(f"ctx shape {tuple(ctxs.shape[-2:])} != ({self.n_ctx}, {self.encoder.text_width})")
+        k = ctxs.shape[0]
         n_classes, length = self.tokens.shape
         cast = model.transformer.get_cast_dtype()
-        x = torch.cat([self.prefix, ctx.to(cast).unsqueeze(0).expand(n_classes, -1, -1), self.suffix], dim=1)
-        x = x + model.positional_embedding[:length].to(cast)  # [C, L', width]
+        ctx = ctxs.to(cast).unsqueeze(1).expand(k, n_classes, -1, -1)  # [K, C, n_ctx, width]
+        x = torch.cat([self.prefix.expand(k, -1, -1, -1), ctx, self.suffix.expand(k, -1, -1, -1)], dim=2)
+        x = x.reshape(k * n_classes, length, -1) + model.positional_embedding[:length].to(cast)  # [K*C, L', width]
         x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
         x = model.ln_final(x)
-        x = x[torch.arange(n_classes, device=x.device), self.eos]  # [C, width]
-        x = x @ model.text_projection  # [C, D]
-        return F.normalize(x.float(), dim=-1)
+        x = x[torch.arange(k * n_classes, device=x.device), self.eos.repeat(k)]  # [K*C, width]
+        x = x @ model.text_projection  # [K*C, D]
+        return F.normalize(x.float(), dim=-1).reshape(k, n_classes, -1)
 
 
 def encode_classes(encoder: Encoder, ctx: torch.Tensor, class_names: list[str]) -> torch.Tensor:

@@ -178,3 +178,14 @@ def test_cli_reports_bad_architecture_without_traceback():
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "unknown architecture 'ViT-Nope'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_encode_many_equals_separate_encodes(random_encoder):
+    prompts = ClassPrompts(random_encoder, CLASSES, 4)
+    ctxs = torch.stack([init_context(random_encoder, n_ctx=4, generator=torch.Generator().manual_seed(s))
+                        for s in range(3)])
+    with torch.no_grad():
+        many = prompts.encode_many(ctxs)
+        assert many.shape == (3, len(CLASSES), random_encoder.embed_dim)
+        for k in range(3):
+            assert torch.allclose(many[k], prompts.encode(ctxs[k]), atol=1e-6)

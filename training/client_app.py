@@ -1,0 +1,154 @@
+"""Flower ClientApp: trains each method's global copy and its private local prompt.
+
+Replies carry only the global prompts (`global/<method>` keys) and num-examples; the local
+prompts stay in `context.state` (and in this client's own folder, for resume) and never leave.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
+
+from promptfolio.encoder import Encoder, load_encoder
+from promptfolio.prompts import ClassPrompts
+from prompts_store.store import atomic_write
+from training import data as data_mod
+from training.config import TrainConfig
+from training.export import checksum, prompt_artifact
+from training.task import ClientState, Features, ensure_local, evaluate, local_train
+
+GLOBAL_PREFIX = "global/"
+PLACEHOLDER_KEY = "placeholder"  # FedAvg needs one array even when no method trains a global prompt
+
+
+@functools.lru_cache(maxsize=2)
+def cached_encoder(arch: str, pretrained: str | None) -> Encoder:
+    torch.set_num_threads(1)  # one simulated client per core
+    return load_encoder(arch, pretrained)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_prompts(arch: str, pretrained: str | None, classes: tuple[str, ...], n_ctx: int) -> ClassPrompts:
+    return ClassPrompts(cached_encoder(arch, pretrained), list(classes), n_ctx)
+
+
+class ClientRun:
+    """Everything one message needs: config, encoder, data features and private state."""
+
+    def __init__(self, msg: Message, context: Context, cfg: TrainConfig | None):
+        config = msg.content["config"]
+        self.cfg = cfg or TrainConfig.model_validate_json(str(config["train-config"]))
+        self.round = int(config["server-round"]) + int(config.get("round-offset", 0))
+        self.is_last = self.round >= self.cfg.rounds
+        self.context = context
+        node = context.node_config
+        self.partition = int(node.get("partition-id", -1))
+        self.out_dir = Path(str(node.get("out-dir", self.cfg.out_dir / "clients" / f"client-{self.partition}")))
+        self.encoder = cached_encoder(self.cfg.arch, self.cfg.pretrained)
+        self.methods = self.cfg.method_specs
+        self.classes = json.loads(str(config["classes"]))
+        self.prompts = cached_prompts(self.cfg.arch, self.cfg.pretrained, tuple(self.classes), self.cfg.n_ctx)
+        self.features = self._features()
+        self.state = self._state()
+
+    # ---- data -----------------------------------------------------------------------------
+    def _features(self) -> dict[str, Features]:
+        if "features" not in self.context.state:
+            node = self.context.node_config
+            if "data-path" in node:  # a real SuperNode: its own ImageFolder
+                plan = asdict(data_mod.local_plan(str(node["data-path"]), self.classes, self.cfg.seed,
+                                                  self.cfg.train_fraction, self.cfg.val_fraction))
+            else:  # simulation: this partition of the plan
+                full = json.loads((self.cfg.out_dir / "plan.json").read_text())
+                plan = full["clients"][self.partition]
+            arrays = {}
+            for i, split in enumerate(("train", "val", "test", "general")):
+                seed = self.cfg.seed * 7919 + (10_000 if split == "general" else self.partition * 10 + i)
+                images = data_mod.load_split(plan[split], seed)
+                labels = plan[split]["labels"]
+                arrays[f"{split}/x"] = data_mod.encode_images(self.encoder, images)
+                arrays[f"{split}/y"] = torch.tensor(labels, dtype=torch.int64)
+            if len(arrays["train/y"]) == 0:
+                raise data_mod.DataError(f"client {self.partition} has no training samples")
+            self.context.state["features"] = ArrayRecord(arrays)
+        t = self.context.state["features"].to_torch_state_dict()
+        return {s: Features(t[f"{s}/x"], t[f"{s}/y"]) for s in ("train", "val", "test", "general")}
+
+    # ---- private state --------------------------------------------------------------------
+    def _state(self) -> ClientState:
+        state = ClientState()
+        if "local" in self.context.state:
+            state.local = dict(self.context.state["local"].to_torch_state_dict())
+            state.theta = {k: float(v) for k, v in self.context.state["theta"].items()}
+        elif self.cfg.resume and (self.out_dir / "state.safetensors").is_file():
+            state.local = load_file(str(self.out_dir / "state.safetensors"))
+            state.theta = json.loads((self.out_dir / "theta.json").read_text())
+        ensure_local(state, self.methods, self.encoder, self.cfg, seed=self.cfg.seed * 1000 + self.partition)
+        return state
+
+    def save_state(self) -> None:
+        if self.state.local:
+            self.context.state["local"] = ArrayRecord({k: v.contiguous() for k, v in self.state.local.items()})
+        self.context.state["theta"] = ConfigRecord({k: float(v) for k, v in self.state.theta.items()})
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.state.local:  # on this client's own disk, so an interrupted run can resume
+            save_file({k: v.contiguous() for k, v in self.state.local.items()}, str(self.out_dir / ".state.tmp"))
+            (self.out_dir / ".state.tmp").replace(self.out_dir / "state.safetensors")
+        atomic_write(self.out_dir / "theta.json", json.dumps(self.state.theta).encode())
+
+    def received_globals(self, msg: Message) -> dict[str, torch.Tensor]:
+        arrays = msg.content["arrays"].to_torch_state_dict()
+        return {k.removeprefix(GLOBAL_PREFIX): v for k, v in arrays.items() if k.startswith(GLOBAL_PREFIX)}
+
+
+def make_client_app(cfg: TrainConfig | None = None) -> ClientApp:
+    """cfg given: simulation (closure); None: read from the message (deployment engine)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        run = ClientRun(msg, context, cfg)
+        globals_ = run.received_globals(msg)
+        updated, losses = local_train(run.encoder, run.prompts, run.features["train"], globals_, run.state,
+                                      run.methods, run.cfg, seed=run.cfg.seed * 100_003 + run.round * 101 + run.partition)
+        run.save_state()
+        arrays = ArrayRecord({GLOBAL_PREFIX + k: v.contiguous() for k, v in updated.items()}
+                             or {PLACEHOLDER_KEY: torch.zeros(1)})
+        metrics = {"num-examples": len(run.features["train"].y), "partition": run.partition,
+                   "bytes-received": msg.content["arrays"].count_bytes(), "bytes-sent": arrays.count_bytes()}
+        metrics.update({f"loss/{k}": v for k, v in losses.items()})
+        return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        run = ClientRun(msg, context, cfg)
+        globals_ = run.received_globals(msg)
+        splits = {"personal": run.features["test"], "general": run.features["general"]}
+        results = evaluate(run.encoder, run.prompts, splits, run.features["val"], globals_, run.state,
+                           run.methods, run.cfg)
+        run.save_state()
+        metrics: dict[str, float | int] = {"num-examples": len(run.features["test"].y), "partition": run.partition,
+                                           "global-checksum": checksum(globals_)}
+        for key, row in results.items():
+            for name, value in row.items():
+                metrics[f"{name}/{key}"] = value
+        if run.is_last:
+            for m in run.methods:
+                if m.key in run.state.local:
+                    data = prompt_artifact(run.state.local[m.key], "local", run.encoder, run.classes,
+                                           theta=results[m.key]["theta"], tenant=f"client-{run.partition}"
+                                           if run.partition >= 0 else "client", producer=f"train:{m.key}")
+                    atomic_write(run.out_dir / f"local-{m.key}.safetensors", data)
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()  # for `flwr run` on the deployment engine

@@ -1,0 +1,142 @@
+"""One configuration object for a federated run, and the methods it can train.
+
+Several methods can train side by side in one Flower run: each method's global prompt is its
+own key in the ArrayRecord, and FedAvg averages every key separately with the same
+num-examples weights, which is exactly per-method FedAvg. Clients draw the same minibatches
+for every method, so the methods are compared on paired data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from promptfolio.portfolio import DEFAULT_THETA, THETA_GRID, check_theta
+
+
+@dataclass(frozen=True)
+class Method:
+    """name: zero-shot | local | promptfl | promptfolio | promptfolio-auto."""
+
+    name: str
+    theta: float | None  # fixed θ; None = chosen per client on its validation split
+
+    @property
+    def key(self) -> str:
+        return self.name if self.name != "promptfolio" else f"promptfolio-{self.theta:g}"
+
+    @property
+    def trains_global(self) -> bool:
+        return self.name in ("promptfl", "promptfolio", "promptfolio-auto")
+
+    @property
+    def trains_local(self) -> bool:
+        return self.name in ("local", "promptfolio", "promptfolio-auto")
+
+
+METHOD_NAMES = ("zero-shot", "local", "promptfl", "promptfolio", "promptfolio-auto")
+
+
+def parse_method(text: str) -> Method:
+    """'zero-shot', 'local', 'promptfl', 'promptfolio' (θ=0.4), 'promptfolio-0.6', 'promptfolio-auto'."""
+    text = text.strip()
+    if text == "zero-shot":
+        return Method("zero-shot", 0.0)
+    if text == "local":
+        return Method("local", 1.0)
+    if text == "promptfl":
+        return Method("promptfl", 0.0)
+    if text == "promptfolio-auto":
+        return Method("promptfolio-auto", None)
+    if text == "promptfolio":
+        return Method("promptfolio", DEFAULT_THETA)
+    if text.startswith("promptfolio-"):
+        try:
+            return Method("promptfolio", check_theta(text.removeprefix("promptfolio-")))
+        except ValueError:
+            pass
+    raise ValueError(f"unknown method {text!r}; choose from {', '.join(METHOD_NAMES)} or promptfolio-<θ>")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # encoder
+    arch: str = "embedded"
+    pretrained: str | None = "embedded"
+    # methods and federation
+    methods: list[str] = Field(default_factory=lambda: ["promptfolio"])
+    num_clients: int = Field(10, ge=1, le=1000)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    rounds: int = Field(10, ge=1, le=1000)
+    # local optimisation (official recipe, plus clipping)
+    local_epochs: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.02, gt=0)  # official 0.002 moves prompts too slowly in 10-20 rounds here (README)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    clip_norm: float | None = Field(1.0, gt=0)  # per-client gradient-norm clipping; None disables
+    n_ctx: int = Field(4, ge=1, le=64)
+    ctx_init: str | None = "a photo of a"  # phrase, or None for N(0, 0.02)
+    theta_grid: list[float] = Field(default_factory=lambda: list(THETA_GRID))
+    # data (simulation)
+    data: str = "embedded"  # "embedded" or an ImageFolder path
+    images_per_class: int = Field(20, ge=1)  # embedded world only
+    beta: float = Field(0.5, gt=0)  # Dirichlet concentration over labels
+    shift: Literal["own", "shared", "none"] = "own"  # each client its own style / one shared style / clean
+    styles: list[str] = Field(default_factory=lambda: ["noise", "colour_cast", "blur", "clutter", "low_contrast"])
+    shared_style: str = "blur"
+    train_fraction: float = Field(0.4, gt=0, lt=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    min_images_per_client: int = Field(10, ge=3)
+    general_per_class: int = Field(4, ge=1)  # balanced shared test set, per class
+    seed: int = 0
+    classes: list[str] | None = None  # deployment: the federation's class list (simulation: from the data)
+    # output
+    out_dir: Path = Path("runs/latest")
+    resume: bool = False
+    audit: bool = False  # keep every client's returned global prompts per round (audit/ folder)
+    publish_store: Path | None = None  # also store the final global prompt in this prompts store
+    publish_method: str | None = None  # which method's global to publish (default: the first with one)
+
+    @field_validator("methods", "styles", "classes", "theta_grid", mode="before")
+    @classmethod
+    def _split_strings(cls, v):
+        """Flower's run config is flat: lists arrive as comma-separated strings."""
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one method")
+        keys = [parse_method(m).key for m in v]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate methods: {v}")
+        return v
+
+    @field_validator("theta_grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        return [check_theta(t) for t in v]
+
+    @field_validator("styles")
+    @classmethod
+    def _styles(cls, v: list[str]) -> list[str]:
+        from promptfolio.embedded.world import STYLE_NAMES
+
+        bad = [s for s in v if s not in STYLE_NAMES]
+        if bad or not v:
+            raise ValueError(f"unknown styles {bad}; choose from {', '.join(STYLE_NAMES)}")
+        return v
+
+    @property
+    def method_specs(self) -> list[Method]:
+        return [parse_method(m) for m in self.methods]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)

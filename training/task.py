@@ -1,0 +1,151 @@
+"""Local training and evaluation of a client, for every method of the run at once.
+
+Per step, all contexts of all methods (each method's copy of the global prompt and its local
+prompt) go through the text encoder in one `encode_many` call; each method's loss is plain
+cross-entropy on its portfolio logits. Parameters of different methods are disjoint and SGD is
+per-parameter, so summing the losses trains each method exactly as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from promptfolio import portfolio
+from promptfolio.encoder import Encoder
+from promptfolio.prompts import ClassPrompts, encode_classes, init_context
+from training.config import Method, TrainConfig
+
+ZERO_SHOT_PHRASE = "a photo of a"
+
+
+@dataclass
+class Features:
+    x: torch.Tensor  # [N, D] normalised image features
+    y: torch.Tensor  # [N] int64 labels
+
+
+@dataclass
+class ClientState:
+    """What a client keeps to itself across rounds."""
+
+    local: dict[str, torch.Tensor] = field(default_factory=dict)  # method key -> ctx [n_ctx, width]
+    theta: dict[str, float] = field(default_factory=dict)  # method key -> θ in use (auto methods)
+
+
+def theta_of(method: Method, state: ClientState) -> float:
+    if method.theta is not None:
+        return method.theta
+    return state.theta.get(method.key, portfolio.DEFAULT_THETA)
+
+
+def initial_context(encoder: Encoder, cfg: TrainConfig, seed: int) -> torch.Tensor:
+    if cfg.ctx_init:
+        ctx = init_context(encoder, phrase=cfg.ctx_init)
+        if ctx.shape[0] != cfg.n_ctx:
+            raise ValueError(f"ctx_init {cfg.ctx_init!r} has {ctx.shape[0]} tokens but n_ctx={cfg.n_ctx}")
+        return ctx
+    return init_context(encoder, n_ctx=cfg.n_ctx, generator=torch.Generator().manual_seed(seed))
+
+
+def ensure_local(state: ClientState, methods: list[Method], encoder: Encoder, cfg: TrainConfig, seed: int) -> None:
+    for m in methods:
+        if m.trains_local and m.key not in state.local:
+            state.local[m.key] = initial_context(encoder, cfg, seed)
+
+
+def _mixed(method: Method, t_global: torch.Tensor | None, t_local: torch.Tensor | None, theta: float) -> torch.Tensor:
+    if method.name == "promptfl":
+        return t_global
+    if method.name == "local":
+        return t_local
+    return portfolio.mix(t_global, t_local, theta)
+
+
+def local_train(encoder: Encoder, prompts: ClassPrompts, data: Features, globals_: dict[str, torch.Tensor],
+                state: ClientState, methods: list[Method], cfg: TrainConfig, seed: int
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train every method's (global copy, local) on this client's data; returns the updated global
+    copies (to send) and the mean training loss per method. Local prompts update in `state`."""
+    trained = [m for m in methods if m.trains_global or m.trains_local]
+    if not trained:
+        return {}, {}
+    if len(data.y) == 0:
+        raise ValueError("this client has no training samples")
+    params: dict[tuple[str, str], torch.Tensor] = {}
+    for m in trained:
+        if m.trains_global:
+            params[(m.key, "global")] = globals_[m.key].detach().clone().requires_grad_(True)
+        if m.trains_local:
+            params[(m.key, "local")] = state.local[m.key].detach().clone().requires_grad_(True)
+    order = list(params)
+    opt = torch.optim.SGD(list(params.values()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = len(data.y)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = steps_per_epoch * cfg.local_epochs
+    scale = encoder.model.logit_scale.detach().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    losses = {m.key: 0.0 for m in trained}
+    step = 0
+    for _ in range(cfg.local_epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            batch = perm[start : start + cfg.batch_size]
+            for group in opt.param_groups:  # cosine schedule over this round's local steps
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            feats = prompts.encode_many(torch.stack([params[k] for k in order]))  # [K, C, D]
+            by_key = dict(zip(order, feats))
+            loss_sum = 0.0
+            for m in trained:
+                text = _mixed(m, by_key.get((m.key, "global")), by_key.get((m.key, "local")), theta_of(m, state))
+                loss = F.cross_entropy(portfolio.logits(data.x[batch], text, scale), data.y[batch])
+                losses[m.key] += loss.item() / total
+                loss_sum = loss_sum + loss
+            opt.zero_grad(set_to_none=True)
+            loss_sum.backward()
+            if cfg.clip_norm is not None:  # per client and per method: prompts diverge without it
+                for m in trained:
+                    group = [params[k] for k in order if k[0] == m.key]
+                    torch.nn.utils.clip_grad_norm_(group, cfg.clip_norm)
+            opt.step()
+            step += 1
+    for m in trained:
+        if m.trains_local:
+            state.local[m.key] = params[(m.key, "local")].detach().clone()
+    updated = {m.key: params[(m.key, "global")].detach().clone() for m in trained if m.trains_global}
+    return updated, losses
+
+
+@torch.no_grad()
+def evaluate(encoder: Encoder, prompts: ClassPrompts, splits: dict[str, Features], val: Features,
+             globals_: dict[str, torch.Tensor], state: ClientState, methods: list[Method], cfg: TrainConfig
+             ) -> dict[str, dict[str, float]]:
+    """Accuracy (%) per method on each split; auto methods first choose θ on the validation split."""
+    keys = [k for k in globals_] + [k for k in state.local]
+    stacked = prompts.encode_many(torch.stack([globals_[k] for k in globals_] + [state.local[k] for k in state.local])) \
+        if keys else None
+    t_global = {k: stacked[i] for i, k in enumerate(globals_)} if keys else {}
+    t_local = {k: stacked[len(globals_) + i] for i, k in enumerate(state.local)} if keys else {}
+    zero_shot = None
+    out: dict[str, dict[str, float]] = {}
+    for m in methods:
+        if m.name == "zero-shot":
+            if zero_shot is None:
+                zero_shot = encode_classes(encoder, init_context(encoder, phrase=ZERO_SHOT_PHRASE), prompts.class_names)
+            text, theta = zero_shot, 0.0
+        else:
+            if m.theta is None and len(val.y) > 0:
+                state.theta[m.key] = portfolio.select_theta(val.x, val.y, t_global[m.key], t_local[m.key],
+                                                            tuple(cfg.theta_grid)).theta
+            theta = theta_of(m, state)
+            text = _mixed(m, t_global.get(m.key), t_local.get(m.key), theta)
+        row = {"theta": theta}
+        for name, split in splits.items():
+            if len(split.y):
+                pred = (split.x @ text.T).argmax(dim=1)
+                row[name] = float((pred == split.y).float().mean() * 100)
+        out[m.key] = row
+    return out
