@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,17 @@ class Encoder:
     @property
     def device(self) -> torch.device:
         return self.model.logit_scale.device
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns "No pretrained weights loaded" whenever it builds an architecture; we always
+    build first and load weights ourselves, so the warning would be wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
 
 
 def register_embedded_config() -> None:

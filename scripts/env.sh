@@ -10,8 +10,12 @@ fi
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "installing promptfolio and its dependencies into .venv (first run: a few minutes)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[cpu,dev]'
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[cpu,dev]'; } \
+      > .venv/install.log 2>&1; then
+    tail -30 .venv/install.log >&2
+    echo "installation failed; full log in .venv/install.log" >&2
+    exit 1
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -70,7 +70,8 @@ class ClientRun:
                 plan = full["clients"][self.partition]
             arrays = {}
             for i, split in enumerate(("train", "val", "test", "general")):
-                seed = self.cfg.seed * 7919 + (10_000 if split == "general" else self.partition * 10 + i)
+                site = max(self.partition, 0)  # a real SuperNode (-1) has no partition id
+                seed = self.cfg.seed * 7919 + (10_000 if split == "general" else site * 10 + i)
                 images = data_mod.load_split(plan[split], seed)
                 labels = plan[split]["labels"]
                 arrays[f"{split}/x"] = data_mod.encode_images(self.encoder, images)

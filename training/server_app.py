@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from logging import INFO
 from typing import Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file, save_file
@@ -32,9 +34,11 @@ CHECKPOINT = "server/checkpoint.safetensors"
 class PortfolioFedAvg(FedAvg):
     """FedAvg that audits replies, keeps per-client metrics and checkpoints every round."""
 
-    def __init__(self, cfg: TrainConfig, allowed_keys: set[str], offset: int, history: list[dict], **kw):
+    def __init__(self, cfg: TrainConfig, fingerprint: str, allowed_keys: set[str], offset: int, history: list[dict],
+                 **kw):
         super().__init__(**kw)
         self.cfg, self.allowed_keys, self.offset, self.history = cfg, allowed_keys, offset, history
+        self.fingerprint = fingerprint
         self.current: ArrayRecord | None = None
         self.pending: dict = {}
         self.started = time.time()
@@ -44,7 +48,7 @@ class PortfolioFedAvg(FedAvg):
         ok = [r for r in replies if not r.has_error()]
         if len(ok) < len(replies):
             errors = [r.error.reason for r in replies if r.has_error()]
-            print(f"round {server_round + self.offset}: {len(errors)} client(s) failed: {errors[:2]}", file=sys.stderr)
+            report(f"round {server_round + self.offset}: {len(errors)} client(s) failed: {errors[:2]}")
         if not ok:
             raise RuntimeError("no client returned a training result this round; see the errors above")
         audit = {}
@@ -76,9 +80,15 @@ class PortfolioFedAvg(FedAvg):
         rows = sorted((dict(r.content["metrics"]) for r in replies), key=lambda r: r["partition"])
         record = dict(self.pending, eval=rows, seconds=round(time.time() - self.started, 2))
         self.history.append(record)
-        write_outputs(self.cfg, self.history, self.current)
-        print(progress_line(record, self.cfg), file=sys.stderr, flush=True)
+        write_outputs(self.cfg, self.history, self.current, self.fingerprint)
+        report(progress_line(record, self.cfg))
         return super().aggregate_evaluate(server_round, replies)
+
+
+def report(line: str) -> None:
+    """To the terminal in a simulation, and to Flower's log (what `flwr run --stream` shows)."""
+    print(line, file=sys.stderr, flush=True)
+    log(INFO, line)
 
 
 def globals_of(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -98,7 +108,7 @@ def progress_line(record: dict, cfg: TrainConfig) -> str:
     return f"round {record['round']}/{cfg.rounds}  personal/general acc %: " + "  ".join(parts)
 
 
-def write_outputs(cfg: TrainConfig, history: list[dict], arrays: ArrayRecord | None) -> None:
+def write_outputs(cfg: TrainConfig, history: list[dict], arrays: ArrayRecord | None, fingerprint: str) -> None:
     """metrics.json and the checkpoint, both replaced atomically."""
     summary = {"config": json.loads(cfg.to_json()), "rounds": history}
     if history:
@@ -115,18 +125,23 @@ def write_outputs(cfg: TrainConfig, history: list[dict], arrays: ArrayRecord | N
         path = cfg.out_dir / CHECKPOINT
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
-        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"round": str(history[-1]["round"])})
+        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"round": str(history[-1]["round"]),
+                                                                    "encoder": fingerprint})
         path.with_suffix(".tmp").replace(path)
 
 
-def load_checkpoint(cfg: TrainConfig) -> tuple[int, ArrayRecord | None, list[dict]]:
+def load_checkpoint(cfg: TrainConfig, fingerprint: str) -> tuple[int, ArrayRecord | None, list[dict]]:
     path = cfg.out_dir / CHECKPOINT
     if not (cfg.resume and path.is_file()):
         return 0, None, []
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        round_no = int(f.metadata()["round"])
+        meta = f.metadata() or {}
+    if meta.get("encoder") != fingerprint:
+        raise ValueError(f"cannot resume: the checkpoint in {path} was made for encoder "
+                         f"{str(meta.get('encoder'))[:60]}…, not {fingerprint[:60]}…")
+    round_no = int(meta["round"])
     history = json.loads((cfg.out_dir / "metrics.json").read_text())["rounds"]
     history = [h for h in history if h["round"] <= round_no]
     return round_no, ArrayRecord(load_file(str(path))), history
@@ -137,14 +152,14 @@ def run_server(grid: Grid, cfg: TrainConfig) -> list[dict]:
     classes = cfg.classes or json.loads((cfg.out_dir / "plan.json").read_text())["classes"]
     methods = cfg.method_specs
     keys = {GLOBAL_PREFIX + m.key for m in methods if m.trains_global}
-    offset, arrays, history = load_checkpoint(cfg)
+    offset, arrays, history = load_checkpoint(cfg, encoder.fingerprint)
     if arrays is None:
         init = initial_context(encoder, cfg, seed=cfg.seed)
         arrays = ArrayRecord({k: init.clone() for k in sorted(keys)} or {PLACEHOLDER_KEY: torch.zeros(1)})
     elif offset:
-        print(f"resuming after round {offset} from {cfg.out_dir / CHECKPOINT}", file=sys.stderr)
+        report(f"resuming after round {offset} from {cfg.out_dir / CHECKPOINT}")
     n_train = max(1, int(round(cfg.num_clients * cfg.fraction_train)))
-    strategy = PortfolioFedAvg(cfg, keys | {PLACEHOLDER_KEY}, offset, history, fraction_train=cfg.fraction_train,
+    strategy = PortfolioFedAvg(cfg, encoder.fingerprint, keys | {PLACEHOLDER_KEY}, offset, history, fraction_train=cfg.fraction_train,
                                fraction_evaluate=1.0, min_train_nodes=n_train, min_evaluate_nodes=cfg.num_clients,
                                min_available_nodes=cfg.num_clients)
     strategy.current = arrays
@@ -163,8 +178,7 @@ def run_server(grid: Grid, cfg: TrainConfig) -> list[dict]:
 
             ctx, meta = read_artifact((cfg.out_dir / f"global-{publish}.safetensors").read_bytes())
             stored = PromptStore(cfg.publish_store, encoder.fingerprint, encoder.text_width).put(ctx, meta)
-            print(f"published the {publish} global prompt to {cfg.publish_store} as version {stored.version}",
-                  file=sys.stderr)
+            report(f"published the {publish} global prompt to {cfg.publish_store} as version {stored.version}")
     return strategy.history
 
 

@@ -70,6 +70,7 @@ def simulate(cfg: TrainConfig) -> dict:
     if in_private_netns():
         bring_loopback_up()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="pf-ray-"))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = cfg.out_dir / "plan.json"
