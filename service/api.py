@@ -169,7 +169,8 @@ def create_app() -> FastAPI:
         engine = engine_of(request)
         enc = engine.encoder
         return {"arch": enc.arch, "weights": enc.source, "fingerprint": enc.fingerprint,
-                "device": str(enc.device), "backend": "torch", "text_width": enc.text_width,
+                "device": str(enc.device), "backend": engine.backend.name,
+                "providers": engine.backend.providers, "text_width": enc.text_width,
                 "image_size": enc.image_size, "global_version": engine.store.current_version(None) or 0,
                 "cache": {"entries": len(engine.cache), "bytes": engine.cache.bytes,
                           "hits": engine.cache.hits, "misses": engine.cache.misses},

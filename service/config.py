@@ -15,6 +15,9 @@ class ServiceConfig(BaseModel):
     arch: str = "embedded"  # open_clip architecture, or "embedded"
     pretrained: str | None = "embedded"  # open_clip tag, checkpoint path, "embedded"; "none" = random
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    backend: str = "auto"  # image encoder: "auto" (ONNX Runtime if installed), "onnx" or "torch"
+    onnx_providers: str = "auto"  # "auto" (CUDA on a GPU, then CPU) or a list such as "cuda,cpu"
+    onnx_cache: Path = Path(".cache/onnx")  # exported image towers, keyed by encoder fingerprint
     admin_key: str | None = None  # enables the admin endpoints; never logged
     max_batch: int = Field(32, ge=1, le=1024)  # images per encoder call
     max_wait_ms: float = Field(4.0, ge=0, le=1000)  # how long a batch waits to fill

@@ -26,9 +26,10 @@ class PromptFolio:
         self.engine = Engine(cfg)
         app.state.engine = self.engine
         enc = self.engine.encoder
-        log.warning("promptfolio ready: %s (%s) on %s, backend torch, fingerprint %s, store %s, "
-                    "%d temporary files recovered", enc.arch, enc.source, enc.device, enc.fingerprint[:40],
-                    cfg.store, self.engine.recovered_tmp_files)
+        log.warning("promptfolio ready: %s (%s) on %s, image backend %s with providers %s, fingerprint %s, "
+                    "store %s, %d temporary files recovered", enc.arch, enc.source, enc.device,
+                    self.engine.backend.name, self.engine.backend.providers, enc.fingerprint[:40], cfg.store,
+                    self.engine.recovered_tmp_files)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

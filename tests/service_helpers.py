@@ -28,6 +28,7 @@ class Server:
 
     def start(self, timeout: float = 90.0) -> "Server":
         env = dict(os.environ, BENTOML_HOME=str(self.store.parent / "bentoml_home"), BENTOML_DO_NOT_TRACK="true",
+                   PROMPTFOLIO_ONNX_CACHE=str(self.store.parent / "onnx"),
                    HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **self.env)
         cmd = [sys.executable, "-m", "promptfolio.cli", "serve", "--store", str(self.store), "--host", "127.0.0.1",
                "--port", str(self.port), "--admin-key", ADMIN_KEY]

@@ -1,0 +1,112 @@
+"""The fast path: ONNX Runtime image encoder parity, providers, batching and backpressure."""
+
+import asyncio
+import io
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from promptfolio.embedded import evaluate, world
+from service.api import create_app
+from service.backends import BackendError, OnnxImageBackend, TorchImageBackend, make_backend, onnx_path
+from service.batcher import MicroBatcher, Overloaded
+from service.config import ServiceConfig
+from service.engine import Engine
+
+
+def test_onnx_matches_torch_and_reports_real_providers(embedded_encoder, tmp_path):
+    onnx = OnnxImageBackend(embedded_encoder, tmp_path)
+    assert onnx.providers == ["CPUExecutionProvider"]  # what the session uses, not what is installed
+    assert onnx.path == onnx_path(embedded_encoder, tmp_path) and onnx.path.is_file()
+    images, _ = world.task_dataset(7, world.calibrated("noise"), seed=0)
+    x = evaluate.to_model_input(images, embedded_encoder.image_mean, embedded_encoder.image_std)
+    for batch in (x[:1], x):  # the batch axis is dynamic
+        diff = (onnx(batch) - TorchImageBackend(embedded_encoder)(batch)).abs().max().item()
+        assert diff <= 1e-4, diff
+    # a second backend reuses the cached export
+    stamp = onnx.path.stat().st_mtime_ns
+    assert OnnxImageBackend(embedded_encoder, tmp_path).path.stat().st_mtime_ns == stamp
+
+
+def test_backend_choice(embedded_encoder, tmp_path):
+    assert make_backend("torch", embedded_encoder, tmp_path).name == "torch"
+    assert make_backend("auto", embedded_encoder, tmp_path).name == "onnxruntime"
+    with pytest.raises(BackendError, match="unknown backend"):
+        make_backend("tpu", embedded_encoder, tmp_path)
+
+
+def test_batcher_merges_concurrent_requests_and_refuses_overload():
+    calls = []
+
+    def encode(x):
+        calls.append(x.shape[0])
+        time.sleep(0.05)
+        return x.flatten(1)[:, :2]
+
+    async def scenario():
+        batcher = MicroBatcher(encode, max_batch=16, max_wait_ms=20, max_pending_images=12)
+        results = await asyncio.gather(*[batcher.encode(torch.full((2, 1, 1, 2), float(i))) for i in range(6)])
+        assert [r[:, 0].tolist() for r in results] == [[float(i)] * 2 for i in range(6)]
+        assert batcher.batches < 6  # requests were merged
+        with pytest.raises(Overloaded) as info:
+            await asyncio.gather(*[batcher.encode(torch.zeros(5, 1, 1, 2)) for _ in range(3)])
+        assert info.value.retry_after_s >= 1
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert max(calls) > 2
+
+
+def test_saturated_service_answers_503_with_retry_after(embedded_encoder, tmp_path):
+    cfg = ServiceConfig(store=tmp_path / "store", admin_key="adm", backend="torch", max_pending_images=2,
+                        max_wait_ms=1)
+    engine = Engine(cfg, embedded_encoder)
+    slow = engine.batcher.encode_fn
+    engine.batcher.encode_fn = lambda x: (time.sleep(0.3), slow(x))[1]
+    app = create_app()
+    app.state.engine = engine
+    key = engine.store.add_tenant("busy", ["red circle", "blue star"])
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            async def one():
+                return await client.post("/tenants/busy/classify", headers={"Authorization": f"Bearer {key}"},
+                                         files=[("images", ("a.png", buf.getvalue(), "image/png"))])
+            return await asyncio.gather(*[one() for _ in range(8)])
+
+    responses = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["Retry-After"]) >= 1 and "queue is full" in refused.json()["error"]
+    engine.batcher.close()
+
+
+def test_cold_tenant_loads_persisted_features_instead_of_encoding(embedded_encoder, tmp_path, monkeypatch):
+    cfg = ServiceConfig(store=tmp_path / "store", backend="torch")
+    first = Engine(cfg, embedded_encoder)
+    first.store.add_tenant("cold", ["red circle", "blue star", "green cross"])
+    warm = first.view("cold")
+    assert not warm.cache_hit and list((tmp_path / "store" / "features").glob("*.safetensors"))
+
+    import service.engine as engine_module
+
+    def no_text_encoding(*args, **kwargs):
+        raise AssertionError("the text encoder ran on the request path")
+
+    monkeypatch.setattr(engine_module, "encode_classes", no_text_encoding)
+    restarted = Engine(cfg, embedded_encoder)  # a restart: empty memory cache, same store
+    view = restarted.view("cold")
+    assert torch.equal(view.t_global, warm.t_global)
+    # a damaged file is ignored and recomputed, never served
+    for path in (tmp_path / "store" / "features").glob("*.safetensors"):
+        path.write_bytes(b"garbage")
+    monkeypatch.undo()
+    again = Engine(cfg, embedded_encoder).view("cold")
+    assert torch.allclose(again.t_global, warm.t_global, atol=1e-6)
