@@ -118,7 +118,13 @@ class OnnxImageBackend:
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         device = str(encoder.device)
-        self.session = ort.InferenceSession(str(self.path), options, providers=choose_providers(providers, device))
+        chosen = choose_providers(providers, device)
+        if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from the nvidia-* wheels torch brings, where the system has none
+                ort.preload_dlls()
+            except Exception as e:  # noqa: BLE001 - the session below reports what it really got
+                log.warning("onnxruntime could not preload CUDA libraries: %s", e)
+        self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
         # what the session really uses (the available list names CUDA even where it cannot run)
         self.providers = self.session.get_providers()
         if device.startswith("cuda") and "CUDAExecutionProvider" not in self.providers:

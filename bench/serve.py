@@ -1,0 +1,286 @@
+"""Serving benchmark, everything measured side by side in one run on this machine.
+
+    .venv/bin/python bench/serve.py [--models tiny,vit-b-32] [--requests 240] [--concurrency 16]
+
+For each model (the embedded tiny CLIP, and ViT-B-32 with random weights: speed only):
+  a. raw image encoder, in-process, best batched throughput over backends and batch sizes
+  b. the service end to end over HTTP (127.0.0.1): concurrent clients spread over tenants
+  c. a naive baseline like the research code: the text encoder runs over the tenant's prompts
+     (global and local, 100 classes) on every request, and images are encoded one at a time
+  d. tenant scale (1, 100, 10,000 tenants): server resident memory, first request of a cold tenant
+  e. upload-to-serve: upload latency, then the next classify (which already uses the new version)
+Prints tables and the ratios b/a and b/c; writes results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+
+from promptfolio import portfolio  # noqa: E402
+from promptfolio.embedded import world  # noqa: E402
+from promptfolio.encoder import load_encoder  # noqa: E402
+from promptfolio.prompts import ClassPrompts, init_context  # noqa: E402
+from prompts_store.artifact import PromptMeta, artifact_bytes  # noqa: E402
+from prompts_store.store import PromptStore  # noqa: E402
+from service.backends import OnnxImageBackend, TorchImageBackend  # noqa: E402
+from service_helpers import ADMIN_KEY, Server, auth  # noqa: E402
+
+MODELS = {"tiny": ("embedded", "embedded"), "vit-b-32": ("ViT-B-32", None)}
+N_CLASSES = 100
+CLASS_NAMES = [f"{size} {colour} {shape}" for size in world.SIZES for colour in world.COLOURS
+               for shape in world.SHAPES][:N_CLASSES]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def jpeg_images(n: int, size: int) -> list[bytes]:
+    images, _ = world.task_dataset(n, world.calibrated("noise"), seed=5)
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).resize((size, size), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def raw_encoder(encoder, onnx_dir: Path, seconds: float) -> dict:
+    size = encoder.image_size
+    rows = {}
+    for backend in (TorchImageBackend(encoder), OnnxImageBackend(encoder, onnx_dir)):
+        for batch in (1, 8, 32):
+            x = torch.randn(batch, 3, size, size)
+            backend(x)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                backend(x)
+                n += batch
+            rows[f"{backend.name} b{batch}"] = n / (time.perf_counter() - start)
+    return rows
+
+
+def naive_baseline(encoder, images: list[bytes], n: int) -> float:
+    """Per request: text encoder over both prompts for all classes, then one image."""
+    prompts = ClassPrompts(encoder, CLASS_NAMES, 4)
+    g = init_context(encoder, phrase="a photo of a")
+    loc = init_context(encoder, n_ctx=4, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(n):
+            x = encoder.preprocess(Image.open(io.BytesIO(images[i % len(images)])).convert("RGB")).unsqueeze(0)
+            text = portfolio.mix(prompts.encode(g), prompts.encode(loc), 0.4)
+            portfolio.logits(encoder.model.encode_image(x), text, encoder.model.logit_scale).argmax()
+    return n / (time.perf_counter() - start)
+
+
+def local_artifact(encoder, seed: int) -> bytes:
+    ctx = init_context(encoder, n_ctx=4, generator=torch.Generator().manual_seed(seed))
+    return artifact_bytes(ctx, PromptMeta(kind="local", tenant="x", encoder=encoder.fingerprint, n_ctx=4,
+                                          width=encoder.text_width, theta=0.4))
+
+
+def server_rss(server: Server) -> float:
+    proc = psutil.Process(server.proc.pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def start_server(base: Path, arch: str, pretrained: str | None, name: str) -> Server:
+    env = {"PROMPTFOLIO_ARCH": arch, "PROMPTFOLIO_PRETRAINED": pretrained or "none", "PROMPTFOLIO_MAX_BATCH": "32"}
+    return Server(base / name, base / f"{name}.log", **env).start(timeout=300)  # ONNX cache: base/onnx
+
+
+async def load(server: Server, keys: dict[str, str], images: list[bytes], requests: int, concurrency: int):
+    latencies: list[float] = []
+    tenants = list(keys)
+    counter = iter(range(requests))
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def worker():
+            for i in counter:
+                t = tenants[i % len(tenants)]
+                start = time.perf_counter()
+                r = await client.post(f"{server.url}/v1/tenants/{t}/classify", headers=auth(keys[t]),
+                                      files=[("images", (f"{i}.jpg", images[i % len(images)], "image/jpeg"))])
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - start
+    return requests / elapsed, latencies
+
+
+def register(store: PromptStore, n: int, encoder, with_local: bool) -> dict[str, str]:
+    keys = {}
+    for i in range(n):
+        tenant = f"t{i:05d}"
+        keys[tenant] = store.add_tenant(tenant, CLASS_NAMES)
+        if with_local:
+            store.put_bytes(local_artifact(encoder, i), tenant)
+    return keys
+
+
+def bench_model(label: str, args, base: Path) -> dict:
+    arch, pretrained = MODELS[label]
+    encoder = load_encoder(arch, pretrained)
+    images = jpeg_images(64, encoder.image_size)
+    out: dict = {"model": label}
+    print(f"\n== {label}: {arch} ({'random weights' if pretrained is None else pretrained})", flush=True)
+
+    out["a_raw"] = raw_encoder(encoder, base / "onnx", args.seconds)
+    best_key = max(out["a_raw"], key=out["a_raw"].get)
+    out["a_best"] = {"config": best_key, "images_per_s": out["a_raw"][best_key]}
+    print("a. raw encoder images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in out["a_raw"].items()), flush=True)
+
+    store_dir = base / f"{label}-svc"
+    store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width)
+    keys = register(store, args.tenants, encoder, with_local=True)
+    server = start_server(base, arch, pretrained, f"{label}-svc")
+    try:
+        warm = asyncio.run(load(server, keys, images, len(keys), 4))  # computes (and persists) features
+        del warm
+        ips, lat = asyncio.run(load(server, keys, images, args.requests, args.concurrency))
+        info = httpx.get(f"{server.url}/v1/info").json()
+        out["b_service"] = {"images_per_s": ips, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+                            "requests": args.requests, "concurrency": args.concurrency, "tenants": args.tenants,
+                            "backend": info["backend"], "providers": info["providers"],
+                            "mean_batch": info["batching"]["images"] / max(1, info["batching"]["batches"])}
+        print(f"b. service: {ips:.1f} images/s, p50 {out['b_service']['p50_ms']:.0f} ms, "
+              f"p99 {out['b_service']['p99_ms']:.0f} ms ({info['backend']} {info['providers']}, mean batch "
+              f"{out['b_service']['mean_batch']:.1f})", flush=True)
+        # e. upload-to-serve
+        t0 = next(iter(keys))
+        up, after = [], []
+        with httpx.Client(timeout=300) as client:
+            for i in range(args.uploads):
+                start = time.perf_counter()
+                r = client.post(f"{server.url}/v1/tenants/{t0}/prompt", headers=auth(keys[t0]),
+                                files={"file": ("p.safetensors", local_artifact(encoder, 1000 + i))})
+                r.raise_for_status()
+                version = r.json()["version"]
+                up.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                c = client.post(f"{server.url}/v1/tenants/{t0}/classify", headers=auth(keys[t0]),
+                                files=[("images", ("x.jpg", images[0], "image/jpeg"))])
+                assert c.json()["local_version"] == version
+                after.append(time.perf_counter() - start)
+        out["e_upload"] = {"upload_p50_ms": pct(up, 50) * 1e3, "upload_p99_ms": pct(up, 99) * 1e3,
+                           "next_classify_p50_ms": pct(after, 50) * 1e3, "next_classify_p99_ms": pct(after, 99) * 1e3,
+                           "uploads": args.uploads}
+        print(f"e. upload {out['e_upload']['upload_p50_ms']:.0f}/{out['e_upload']['upload_p99_ms']:.0f} ms "
+              f"(p50/p99, features computed before it returns); next classify already on the new version "
+              f"{out['e_upload']['next_classify_p50_ms']:.0f}/{out['e_upload']['next_classify_p99_ms']:.0f} ms",
+              flush=True)
+    finally:
+        server.stop()
+
+    out["c_naive"] = {"images_per_s": naive_baseline(encoder, images, args.naive_requests)}
+    print(f"c. naive baseline: {out['c_naive']['images_per_s']:.2f} images/s", flush=True)
+
+    out["d_scale"] = {}
+    for n in args.scale:
+        store_dir = base / f"{label}-scale{n}"
+        store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width)
+        keys = register(store, n, encoder, with_local=False)
+        cold_unique = "cold-unique"
+        cold_key = store.add_tenant(cold_unique, [f"{c} (variant)" for c in CLASS_NAMES])
+        store.put_bytes(local_artifact(encoder, 7), cold_unique)
+        server = start_server(base, arch, pretrained, f"{label}-scale{n}")
+        try:
+            with httpx.Client(timeout=600) as client:
+                def first(tenant, key):
+                    start = time.perf_counter()
+                    client.post(f"{server.url}/v1/tenants/{tenant}/classify", headers=auth(key),
+                                files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
+                    return (time.perf_counter() - start) * 1e3
+
+                tenants = list(keys)
+                first(tenants[0], keys[tenants[0]])  # the service's own warm-up (shared global features)
+                rss = server_rss(server)
+                shared = first(tenants[-1], keys[tenants[-1]])  # cold tenant, classes shared with others
+                unique = first(cold_unique, cold_key)  # cold tenant, own classes and local prompt
+        finally:
+            server.stop()
+        # after a restart the unique tenant's features load from disk instead of the text encoder
+        server = start_server(base, arch, pretrained, f"{label}-scale{n}")
+        try:
+            with httpx.Client(timeout=600) as client:
+                start = time.perf_counter()
+                client.post(f"{server.url}/v1/tenants/{cold_unique}/classify", headers=auth(cold_key),
+                            files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
+                persisted = (time.perf_counter() - start) * 1e3
+        finally:
+            server.stop()
+        out["d_scale"][n] = {"rss_mib": rss, "cold_shared_ms": shared, "cold_unique_ms": unique,
+                             "cold_unique_after_restart_ms": persisted}
+        print(f"d. {n} tenants: server RSS {rss:.0f} MiB; first request of a cold tenant: {shared:.0f} ms "
+              f"(shared classes), {unique:.0f} ms (own 100 classes + local prompt, text encoder runs), "
+              f"{persisted:.0f} ms (same after a restart: features from disk)", flush=True)
+        shutil.rmtree(store_dir, ignore_errors=True)
+
+    out["ratio_b_over_a"] = out["b_service"]["images_per_s"] / out["a_best"]["images_per_s"]
+    out["ratio_b_over_c"] = out["b_service"]["images_per_s"] / out["c_naive"]["images_per_s"]
+    print(f"b/a = {out['ratio_b_over_a']:.2f}   b/c = {out['ratio_b_over_c']:.1f}", flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,vit-b-32")
+    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tenants", type=int, default=20, help="tenants the load is spread over")
+    parser.add_argument("--uploads", type=int, default=8)
+    parser.add_argument("--naive-requests", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per raw-encoder configuration")
+    parser.add_argument("--scale", default="1,100,10000")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench-serve"))
+    args = parser.parse_args()
+    args.scale = [int(s) for s in args.scale.split(",")]
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base = Path(tempfile.mkdtemp(prefix="pf-bench-serve-"))
+    results = {"machine": f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU",
+               "torch_threads": torch.get_num_threads(), "models": []}
+    try:
+        for label in args.models.split(","):
+            results["models"].append(bench_model(label, args, base))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print("\n| model | a. raw encoder (best) | b. service over HTTP | p50 / p99 | c. naive | b/a | b/c |")
+    print("|---|---|---|---|---|---|---|")
+    for m in results["models"]:
+        print(f"| {m['model']} | {m['a_best']['images_per_s']:.1f} img/s ({m['a_best']['config']}) | "
+              f"{m['b_service']['images_per_s']:.1f} img/s | {m['b_service']['p50_ms']:.0f} / "
+              f"{m['b_service']['p99_ms']:.0f} ms | {m['c_naive']['images_per_s']:.2f} img/s | "
+              f"{m['ratio_b_over_a']:.2f} | {m['ratio_b_over_c']:.0f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\n{results['machine']}; results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`bentoml build` of the GPU container, offline, and what the built bento contains."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+
+
+def test_bentoml_build_makes_a_cuda_bento_with_onnxruntime_gpu_only(tmp_path):
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="true")
+    run = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tag = re.search(r"__tag__:(\S+)", run.stdout).group(1)
+    name, version = tag.split(":")
+    bento = tmp_path / "bentoml" / "bentos" / name / version
+    meta = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert meta["service"] == "service.service:PromptFolio"
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:13\.\S+-cudnn-runtime", dockerfile, re.M)
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    names = [re.split(r"[<>=!~\[ ;]", line.strip())[0].lower() for line in requirements if line.strip()
+             and not line.startswith("#")]
+    assert "onnxruntime-gpu" in names and "onnxruntime" not in names
+    assert "torch" in names and "flwr" not in names  # the service image carries no training stack
+    src = bento / "src"
+    assert (src / "promptfolio" / "embedded" / "promptfolio-tiny.safetensors").stat().st_size > 10_000_000
+    assert (src / "service" / "service.py").is_file() and not (src / "tests").exists()
+    envs = {e["name"]: e["value"] for e in meta.get("envs", [])}
+    assert envs["PROMPTFOLIO_STORE"] == "/data/store"
