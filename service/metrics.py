@@ -1,18 +1,18 @@
-"""Prometheus metrics beside BentoML's own (served at /metrics)."""
+"""Prometheus metrics beside BentoML's own (served at /metrics, multiprocess-aware through BentoML)."""
 
 from __future__ import annotations
 
-import bentoml
+from prometheus_client import Counter
 
-_requests = bentoml.metrics.Counter(
+_requests = Counter(
     name="promptfolio_tenant_requests", documentation="Classify requests per tenant", labelnames=["tenant"])
-_images = bentoml.metrics.Counter(
+_images = Counter(
     name="promptfolio_tenant_images", documentation="Images classified per tenant", labelnames=["tenant"])
-_uploads = bentoml.metrics.Counter(
+_uploads = Counter(
     name="promptfolio_tenant_uploads", documentation="Local prompt uploads per tenant", labelnames=["tenant"])
-_cache = bentoml.metrics.Counter(
+_cache = Counter(
     name="promptfolio_feature_cache", documentation="Tenant feature cache lookups", labelnames=["result"])
-_errors = bentoml.metrics.Counter(
+_errors = Counter(
     name="promptfolio_errors", documentation="Error responses by status", labelnames=["status"])
 
 
