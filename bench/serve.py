@@ -43,7 +43,7 @@ from promptfolio.prompts import ClassPrompts, init_context  # noqa: E402
 from prompts_store.artifact import PromptMeta, artifact_bytes  # noqa: E402
 from prompts_store.store import PromptStore  # noqa: E402
 from service.backends import OnnxImageBackend, TorchImageBackend  # noqa: E402
-from service_helpers import ADMIN_KEY, Server, auth  # noqa: E402
+from service_helpers import Server, auth  # noqa: E402
 
 MODELS = {"tiny": ("embedded", "embedded"), "vit-b-32": ("ViT-B-32", None)}
 N_CLASSES = 100

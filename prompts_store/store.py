@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets

@@ -145,3 +145,22 @@ def test_cli_refuses_bad_runs_without_traceback(tmp_path):
     assert r.returncode == 2 and "unknown method" in r.stderr
     r = train_cli("--clients", "50", "--images-per-class", "1", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "cannot give 50 clients" in r.stderr
+
+
+def test_resume_refuses_a_checkpoint_of_another_encoder(run_dir):
+    from training.server_app import load_checkpoint
+
+    cfg = TrainConfig(out_dir=run_dir, resume=True)
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint .* was made for encoder"):
+        load_checkpoint(cfg, "ViT-B-32:sha256:" + "0" * 64)
+
+
+def test_a_client_without_training_samples_fails_clearly(embedded_encoder):
+    cfg = TrainConfig(methods=["promptfolio"])
+    specs = cfg.method_specs
+    state = ClientState()
+    ensure_local(state, specs, embedded_encoder, cfg, seed=0)
+    empty = Features(torch.zeros(0, embedded_encoder.embed_dim), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no training samples"):
+        local_train(embedded_encoder, ClassPrompts(embedded_encoder, ["a", "b"], 4), empty,
+                    {"promptfolio-0.4": initial_context(embedded_encoder, cfg, 0)}, state, specs, cfg, seed=0)

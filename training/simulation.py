@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 from training.config import TrainConfig
 
