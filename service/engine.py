@@ -164,18 +164,14 @@ class Engine:
             if key not in self._artifact_theta:
                 self._artifact_theta[key] = self.store.load(tenant, l_version).meta.theta
             local_meta_theta = self._artifact_theta[key]
-        if theta is not None:
-            effective = portfolio.check_theta(theta)
-        elif t_local is None:
-            effective = 0.0
-        elif record.theta is not None:
-            effective = record.theta
-        elif local_meta_theta is not None:
-            effective = local_meta_theta
-        else:
-            effective = portfolio.DEFAULT_THETA
-        return TenantView(tenant, record.classes, t_global, t_local, g_version, l_version,
-                          effective if t_local is not None else 0.0, hit_g and hit_l)
+        override = None if theta is None else portfolio.check_theta(theta)  # a bad θ is a 400 either way
+        if t_local is None:
+            effective = 0.0  # nothing to mix yet: the global prompt alone
+        else:  # request override, then the tenant's setting, then the θ its artifact carries
+            effective = next(t for t in (override, record.theta, local_meta_theta, portfolio.DEFAULT_THETA)
+                             if t is not None)
+        return TenantView(tenant, record.classes, t_global, t_local, g_version, l_version, effective,
+                          hit_g and hit_l)
 
     def warm(self, tenant: str) -> TenantView:
         """Compute a tenant's features now (after an upload, a rollback or a class change)."""
