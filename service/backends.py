@@ -70,6 +70,8 @@ def export_onnx(encoder: Encoder, cache_dir: Path) -> Path:
     size = encoder.image_size
     dummy = torch.randn(2, 3, size, size)
     try:
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX export
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes about constant shapes in attention pooling
             torch.onnx.export(module, (dummy,), str(tmp / "visual.onnx"), input_names=["images"],
@@ -83,6 +85,7 @@ def export_onnx(encoder: Encoder, cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BackendError(f"ONNX export of {encoder.arch} failed: {e}") from e
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         encoder.model.to(encoder.device)
     log.info("exported %s image tower to %s in %.1f s", encoder.arch, path, time.perf_counter() - start)
     return path
