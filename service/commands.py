@@ -89,6 +89,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("serve", help="run the REST service (BentoML) on the embedded default")
     add_encoder_args(p)
+    # the service's own environment settings are the defaults here, so the CLI never overrides them
+    p.set_defaults(arch=os.environ.get("PROMPTFOLIO_ARCH", "embedded"),
+                   pretrained=os.environ.get("PROMPTFOLIO_PRETRAINED", "embedded"))
     p.add_argument("--store", default=DEFAULT_STORE, help="prompts store folder (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=3000)

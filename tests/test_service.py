@@ -251,3 +251,13 @@ def test_sigkill_during_uploads_leaves_a_clean_store(tmp_path, embedded_encoder)
         assert classify(restarted, "crash", key, images_for(ACME, n=2)).status_code == 200
     finally:
         restarted.stop()
+
+
+def test_serve_command_keeps_the_service_environment(monkeypatch):
+    from promptfolio.cli import build_parser
+
+    monkeypatch.setenv("PROMPTFOLIO_ARCH", "ViT-B-32")
+    monkeypatch.setenv("PROMPTFOLIO_PRETRAINED", "none")
+    args = build_parser().parse_args(["serve"])
+    assert (args.arch, args.pretrained) == ("ViT-B-32", "none")
+    assert build_parser().parse_args(["serve", "--arch", "RN50"]).arch == "RN50"
