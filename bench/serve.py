@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -149,9 +150,12 @@ def register(store: PromptStore, n: int, encoder, with_local: bool) -> dict[str,
 def bench_model(label: str, args, base: Path) -> dict:
     arch, pretrained = MODELS[label]
     encoder = load_encoder(arch, pretrained)
+    if pretrained is None:  # random weights: hand the server these exact weights as a checkpoint file
+        pretrained = str(base / f"{label}.safetensors")
+        save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, pretrained)
     images = jpeg_images(64, encoder.image_size)
     out: dict = {"model": label}
-    print(f"\n== {label}: {arch} ({'random weights' if pretrained is None else pretrained})", flush=True)
+    print(f"\n== {label}: {arch} ({'random weights' if MODELS[label][1] is None else pretrained})", flush=True)
 
     out["a_raw"] = raw_encoder(encoder, base / "onnx", args.seconds)
     best_key = max(out["a_raw"], key=out["a_raw"].get)
