@@ -28,7 +28,7 @@ KEY=$(curl -sf -X POST "http://127.0.0.1:$PORT/v1/tenants" -H "Authorization: Be
   -H 'Content-Type: application/json' -d "{\"id\": \"clinic-1\", \"classes\": $CLASSES}" \
   | python -c "import sys, json; print(json.load(sys.stdin)['api_key'])")
 
-echo "== 4. classify 60 of client-1's test images (its own style) with the global prompt only"
+echo "== 4. classify client-1's test images (up to 60, in its own style) with the global prompt only"
 python scripts/demo_images.py export "$RUN/train" 1 "$RUN/images" 60
 classify() {
   args=(); for f in "$RUN"/images/*.png; do args+=(-F "images=@$f"); done
