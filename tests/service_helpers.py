@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 from conftest import REPO, free_port
@@ -47,19 +48,42 @@ class Server:
         self.stop()
         raise RuntimeError(f"server not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
+    def _tree(self) -> list[psutil.Process]:
+        """The server and every process under it (BentoML's workers may leave the process group)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self) -> None:
-        """SIGKILL the whole process group: no shutdown hook runs."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        """SIGKILL the server and all its processes at once: no shutdown hook runs."""
+        if self.proc is None:
+            return
+        tree = self._tree()
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """SIGTERM (graceful), then SIGKILL whatever is left, workers included."""
+        if self.proc is None:
+            return
+        tree = self._tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for p in alive:
             try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        self.proc.wait(timeout=10)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
