@@ -12,10 +12,9 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 
 def encoder_from_args(args: argparse.Namespace):
-    from promptfolio.encoder import load_encoder
+    from promptfolio.encoder import load_encoder, parse_pretrained
 
-    pretrained = None if args.pretrained in ("none", "random") else args.pretrained
-    return load_encoder(args.arch, pretrained)
+    return load_encoder(args.arch, parse_pretrained(args.pretrained))
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -157,6 +157,11 @@ def embedded_weights_path() -> Path:
     return path
 
 
+def parse_pretrained(text: str | None) -> str | None:
+    """The `pretrained` setting as users write it (CLI, env, run config): 'none'/'random' -> None."""
+    return None if text is None or str(text).strip().lower() in ("none", "random", "") else str(text)
+
+
 def load_encoder(arch: str = EMBEDDED, pretrained: str | os.PathLike | None = EMBEDDED,
                  device: str | torch.device = "cpu") -> Encoder:
     """Load a frozen CLIP.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from promptfolio.encoder import parse_pretrained
 
 ENV_PREFIX = "PROMPTFOLIO_"
 
@@ -38,9 +40,12 @@ class ServiceConfig(BaseModel):
             raw = environ.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
                 values[name] = raw
-        if str(values.get("pretrained", "")).lower() in ("none", "random"):
-            values["pretrained"] = None
         return cls.model_validate(values)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, v):
+        return parse_pretrained(v)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

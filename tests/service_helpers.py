@@ -58,16 +58,9 @@ class Server:
 
     def kill(self) -> None:
         """SIGKILL the server and all its processes at once: no shutdown hook runs."""
-        if self.proc is None:
-            return
-        tree = self._tree()
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
-        self.proc.wait(timeout=30)
+        if self.proc is not None:
+            _sigkill(self._tree())
+            self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         """SIGTERM (graceful), then SIGKILL whatever is left, workers included."""
@@ -76,14 +69,17 @@ class Server:
         tree = self._tree()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=20)
-        for p in alive:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        _sigkill(psutil.wait_procs(tree, timeout=20)[1])
         self.proc.wait(timeout=10)
+
+
+def _sigkill(processes: list[psutil.Process]) -> None:
+    for p in processes:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -189,3 +189,14 @@ def test_encode_many_equals_separate_encodes(random_encoder):
         assert many.shape == (3, len(CLASSES), random_encoder.embed_dim)
         for k in range(3):
             assert torch.allclose(many[k], prompts.encode(ctxs[k]), atol=1e-6)
+
+
+def test_pretrained_none_means_random_weights_everywhere():
+    from promptfolio.encoder import parse_pretrained
+    from service.config import ServiceConfig
+    from training.config import TrainConfig
+
+    assert [parse_pretrained(v) for v in ("none", "Random", "", None, "embedded")] == [None] * 4 + ["embedded"]
+    assert ServiceConfig.from_env({"PROMPTFOLIO_PRETRAINED": "none"}).pretrained is None
+    assert ServiceConfig.from_env({}).pretrained == "embedded"
+    assert TrainConfig(pretrained="random").pretrained is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from promptfolio.encoder import Encoder, load_encoder
 from promptfolio.prompts import ClassPrompts
@@ -69,8 +69,8 @@ class ClientRun:
                 full = json.loads((self.cfg.out_dir / "plan.json").read_text())
                 plan = full["clients"][self.partition]
             arrays = {}
+            site = max(self.partition, 0)  # a real SuperNode (-1) has no partition id
             for i, split in enumerate(("train", "val", "test", "general")):
-                site = max(self.partition, 0)  # a real SuperNode (-1) has no partition id
                 seed = self.cfg.seed * 7919 + (10_000 if split == "general" else site * 10 + i)
                 images = data_mod.load_split(plan[split], seed)
                 labels = plan[split]["labels"]
@@ -100,8 +100,8 @@ class ClientRun:
         self.context.state["theta"] = ConfigRecord({k: float(v) for k, v in self.state.theta.items()})
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.state.local:  # on this client's own disk, so an interrupted run can resume
-            save_file({k: v.contiguous() for k, v in self.state.local.items()}, str(self.out_dir / ".state.tmp"))
-            (self.out_dir / ".state.tmp").replace(self.out_dir / "state.safetensors")
+            atomic_write(self.out_dir / "state.safetensors",
+                         save({k: v.contiguous() for k, v in self.state.local.items()}))
         atomic_write(self.out_dir / "theta.json", json.dumps(self.state.theta).encode())
 
     def received_globals(self, msg: Message) -> dict[str, torch.Tensor]:

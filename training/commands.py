@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         fields["ctx_init"] = None
     if fields.get("clip_norm") == 0:
         fields["clip_norm"] = None
-    fields.update(arch=args.arch, pretrained=None if args.pretrained in ("none", "random") else args.pretrained,
+    fields.update(arch=args.arch, pretrained=args.pretrained,
                   resume=args.resume, audit=args.audit)
     try:
         cfg = TrainConfig.model_validate(fields)

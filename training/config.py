@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from promptfolio.encoder import parse_pretrained
 from promptfolio.portfolio import DEFAULT_THETA, THETA_GRID, check_theta
 
 
@@ -102,6 +103,11 @@ class TrainConfig(BaseModel):
     audit: bool = False  # keep every client's returned global prompts per round (audit/ folder)
     publish_store: Path | None = None  # also store the final global prompt in this prompts store
     publish_method: str | None = None  # which method's global to publish (default: the first with one)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, v):
+        return parse_pretrained(v)
 
     @field_validator("methods", "styles", "classes", "theta_grid", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from promptfolio.encoder import load_encoder
 from prompts_store.store import PromptStore, atomic_write
@@ -125,9 +125,7 @@ def write_outputs(cfg: TrainConfig, history: list[dict], arrays: ArrayRecord | N
         path = cfg.out_dir / CHECKPOINT
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
-        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"round": str(history[-1]["round"]),
-                                                                    "encoder": fingerprint})
-        path.with_suffix(".tmp").replace(path)
+        atomic_write(path, save(tensors, metadata={"round": str(history[-1]["round"]), "encoder": fingerprint}))
 
 
 def load_checkpoint(cfg: TrainConfig, fingerprint: str) -> tuple[int, ArrayRecord | None, list[dict]]:
