@@ -1,8 +1,13 @@
 """Prompt artifacts: one safetensors file holding `ctx [n_ctx, width]` and self-describing metadata.
 
-Reading validates everything before a tensor is trusted: size, header length, the single `ctx`
-tensor, float dtype, shape against the running encoder, finiteness, required metadata, encoder
-fingerprint and the content hash. Any failure is an `ArtifactError` with a message for the user.
+Reading validates everything before a tensor is trusted: size, header length, JSON nesting and
+counts (bounded before any JSON is parsed), the single `ctx` tensor, its dtype, shape against the
+running encoder, finiteness, required metadata, encoder fingerprint and the content hash. Any
+failure is an `ArtifactError` with a message for the user; no input can raise anything else.
+
+dtype: float32 is the format. float16 and bfloat16 contexts are converted to float32, which is
+exact (every such value is a float32), and the content hash is always taken over float32 values.
+float64 and every other dtype are refused: narrowing float64 would change the prompt silently.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ FORMAT = "promptfolio.prompt/1"
 MAX_ARTIFACT_BYTES = 1 << 20  # 1 MiB: a [64, 1024] fp32 context is 256 KiB
 MAX_HEADER_BYTES = 64 << 10
 MAX_N_CTX = 64
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_JSON_DEPTH = 4  # a safetensors header is {name: {dtype, shape: [..], data_offsets: [..]}}: depth 3
+MAX_METADATA_KEYS = 32
+MAX_CLASS_NAMES = 10_000
+EXACT_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # all exactly representable in float32
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -45,8 +54,12 @@ class PromptMeta(BaseModel):
     encoder: str = Field(min_length=1, max_length=200)  # encoder fingerprint
     n_ctx: int = Field(ge=1, le=MAX_N_CTX)
     width: int = Field(ge=1, le=8192)
-    classes: list[str] = Field(default_factory=list, max_length=10_000)
+    classes: list[str] = Field(default_factory=list, max_length=MAX_CLASS_NAMES)
     theta: float | None = None
+    # local prompts: the global prompt they were trained with (its content hash, and its store
+    # version when known); absent in artifacts from before pinning ("unpinned")
+    global_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    global_version: int | None = Field(default=None, ge=0)
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     producer: str = Field(default="unknown", max_length=200)
     content_sha256: str = ""
@@ -60,8 +73,8 @@ class PromptMeta(BaseModel):
     def _local_needs_tenant(self) -> "PromptMeta":
         if self.kind == "local" and not self.tenant:
             raise ValueError("a local prompt names its tenant")
-        if self.kind == "global" and self.tenant:
-            raise ValueError("a global prompt has no tenant")
+        if self.kind == "global" and (self.tenant or self.global_sha256 or self.global_version is not None):
+            raise ValueError("a global prompt has no tenant and no global_sha256/global_version")
         return self
 
     def to_strings(self) -> dict[str, str]:
@@ -73,14 +86,55 @@ class PromptMeta(BaseModel):
         return out
 
     @classmethod
-    def from_strings(cls, raw: dict[str, str]) -> "PromptMeta":
+    def from_strings(cls, raw: object) -> "PromptMeta":
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            raise ArtifactError("safetensors metadata must map names to strings")
+        if len(raw) > MAX_METADATA_KEYS:
+            raise ArtifactError(f"metadata has {len(raw)} fields, at most {MAX_METADATA_KEYS} are allowed")
         data: dict[str, object] = dict(raw)
         if "classes" in data:
+            text = str(data["classes"])
+            check_json_depth(text.encode(), 1, "metadata 'classes'")  # a flat list of names
             try:
-                data["classes"] = json.loads(str(data["classes"]))
-            except json.JSONDecodeError as e:
+                data["classes"] = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise ArtifactError(f"metadata 'classes' is not a JSON list: {e}") from None
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ArtifactError(f"invalid metadata: {validation_problems(e)}") from None
+
+
+def validation_problems(e: ValidationError) -> str:
+    """One line naming each problem of a pydantic validation error (field: message)."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'metadata'}: {err['msg']}"[:300]
+                     for err in e.errors()[:5])
+
+
+def check_json_depth(text: bytes, max_depth: int, what: str) -> None:
+    """Refuse JSON nested deeper than `max_depth` before parsing it.
+
+    Why hand-written: Python's json module recurses per nesting level, so a hostile header of a
+    few kilobytes of '[' raises RecursionError (or exhausts the stack) inside the parser; a linear
+    scan that skips string contents bounds the nesting first.
+    """
+    depth, in_string, escaped = 0, False, False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > max_depth:
+                raise ArtifactError(f"{what} is JSON nested deeper than {max_depth} levels")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
 
 
 def content_sha256(ctx: torch.Tensor) -> str:
@@ -94,7 +148,10 @@ def artifact_bytes(ctx: torch.Tensor, meta: PromptMeta) -> bytes:
     if ctx.ndim != 2:
         raise ArtifactError(f"ctx must be 2-D [n_ctx, width], got shape {tuple(ctx.shape)}")
     meta = meta.model_copy(update={"n_ctx": ctx.shape[0], "width": ctx.shape[1], "content_sha256": content_sha256(ctx)})
-    PromptMeta.model_validate(meta.model_dump())  # re-check after the update
+    try:
+        PromptMeta.model_validate(meta.model_dump())  # re-check after the update
+    except ValidationError as e:
+        raise ArtifactError(f"invalid metadata: {validation_problems(e)}") from None
     return st_save({"ctx": ctx}, metadata=meta.to_strings())
 
 
@@ -106,9 +163,10 @@ def _header(data: bytes) -> tuple[int, dict]:
         raise ArtifactError(f"safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > len(data):
         raise ArtifactError(f"truncated file: header claims {n} bytes but only {len(data) - 8} follow")
+    check_json_depth(data[8 : 8 + n], MAX_JSON_DEPTH, "the safetensors header")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ArtifactError("corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise ArtifactError("corrupt safetensors header (not an object)")
@@ -118,19 +176,31 @@ def _header(data: bytes) -> tuple[int, dict]:
 def read_artifact(data: bytes, encoder_fingerprint: str | None = None, width: int | None = None,
                   max_bytes: int = MAX_ARTIFACT_BYTES) -> tuple[torch.Tensor, PromptMeta]:
     """Validate and load an artifact from bytes -> (ctx float32 `[n_ctx, width]`, metadata)."""
+    try:
+        return _read(data, encoder_fingerprint, width, max_bytes)
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a backstop: a malformed artifact is the sender's problem, never a 5xx
+        raise ArtifactError(f"unreadable artifact ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read(data: bytes, encoder_fingerprint: str | None, width: int | None,
+          max_bytes: int) -> tuple[torch.Tensor, PromptMeta]:
     if len(data) > max_bytes:
         raise ArtifactError(f"artifact of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     _, header = _header(data)
     tensors = sorted(k for k in header if k != "__metadata__")
     if tensors != ["ctx"]:
-        raise ArtifactError(f"an artifact holds exactly one tensor named 'ctx', found {tensors[:5]}")
+        raise ArtifactError(f"an artifact holds exactly one tensor named 'ctx', found {[t[:40] for t in tensors[:5]]}")
+    meta = PromptMeta.from_strings(header.get("__metadata__") or {})
     try:
         loaded = st_load(data)
     except (SafetensorError, RuntimeError, ValueError) as e:
-        raise ArtifactError(f"corrupt safetensors data: {e}") from None
+        raise ArtifactError(f"corrupt safetensors data: {str(e)[:200]}") from None
     ctx = loaded["ctx"]
-    if ctx.dtype not in FLOAT_DTYPES:
-        raise ArtifactError(f"ctx must be a float tensor, got {ctx.dtype}")
+    if ctx.dtype not in EXACT_FLOAT_DTYPES:
+        raise ArtifactError(f"ctx must be a float32 tensor (float16 and bfloat16 are converted exactly), "
+                            f"got {str(ctx.dtype).removeprefix('torch.')}")
     if ctx.ndim != 2 or not 1 <= ctx.shape[0] <= MAX_N_CTX:
         raise ArtifactError(f"ctx must have shape [n_ctx <= {MAX_N_CTX}, width], got {tuple(ctx.shape)}")
     if width is not None and ctx.shape[1] != width:
@@ -138,12 +208,6 @@ def read_artifact(data: bytes, encoder_fingerprint: str | None = None, width: in
     ctx = ctx.to(torch.float32)
     if not torch.isfinite(ctx).all():
         raise ArtifactError("ctx contains NaN or infinite values")
-    raw = header.get("__metadata__") or {}
-    try:
-        meta = PromptMeta.from_strings(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'metadata'}: {err['msg']}" for err in e.errors())
-        raise ArtifactError(f"invalid metadata: {problems}") from None
     if (meta.n_ctx, meta.width) != tuple(ctx.shape):
         raise ArtifactError(f"metadata says [{meta.n_ctx}, {meta.width}] but ctx is {list(ctx.shape)}")
     if meta.content_sha256 != content_sha256(ctx):

@@ -1,10 +1,11 @@
 """Versioned, crash-safe storage of prompt artifacts and the tenant registry, as plain files.
 
     <root>/global/v000001.safetensors ...   immutable versions of the global prompt
-    <root>/global/CURRENT                   "N": the version in use
+    <root>/global/CURRENT                   {"version": N, "sha256": ...}: the global in use
     <root>/tenants/<id>/tenant.json         class names, θ, sha256 of the API key
     <root>/tenants/<id>/v000001.safetensors immutable versions of the tenant's local prompt
-    <root>/tenants/<id>/CURRENT
+    <root>/tenants/<id>/CURRENT             the served pair: local version + pinned global version
+    <root>/<scope>/features/                class features persisted by the service, by content
 
 Why files and not SQLite: a prompt version already is a file, so one rename-based protocol covers
 both, a store is inspectable and backed up with ordinary tools, and each tenant is independent
@@ -12,111 +13,39 @@ both, a store is inspectable and backed up with ordinary tools, and each tenant 
 folder, is fsync'd and renamed into place, then the folder is fsync'd; a per-scope `flock`
 serialises version numbering so concurrent uploads each get their own version. A crash at any
 point leaves the old or the new version current, never a torn file.
+
+Pinning: a local prompt is trained together with one global prompt and is served with it. A
+local artifact records that global's content hash; the store resolves it to one of its global
+versions when the local prompt is stored and pins the tenant to it. Pruning never removes a
+pinned global. Artifacts without a recorded global are "unpinned": served with the current one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import hmac
+import json
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import ValidationError
 
 from prompts_store.artifact import (
-    MAX_ARTIFACT_BYTES, TENANT_PATTERN, ArtifactError, PromptMeta, artifact_bytes, read_artifact,
+    MAX_ARTIFACT_BYTES, ArtifactError, PromptMeta, artifact_bytes, content_sha256, read_artifact,
 )
+from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant
+from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries
+from prompts_store.keys import hash_key, key_matches, key_tenant, new_key
+from prompts_store.pointers import GlobalPointer, Serving, TenantPointer
+from prompts_store.registry import TenantRecord, validate_classes, validate_tenant_id
 from promptfolio.portfolio import check_theta
 
+__all__ = ["PromptStore", "StoredPrompt", "StoreError", "UnknownTenant", "UnknownGlobal", "NoStore",
+           "atomic_write", "fsync_dir", "hash_key", "key_tenant", "TenantRecord", "Serving", "TenantPointer"]
+
 VERSION_RE = re.compile(r"^v(\d{6,})\.safetensors$")
-MAX_CLASSES = 1000
-MAX_CLASS_NAME = 100
-
-
-class StoreError(ValueError):
-    """A store operation cannot be done as asked (unknown tenant, bad id, missing version...)."""
-
-
-class UnknownTenant(StoreError):
-    pass
-
-
-def validate_tenant_id(tenant: str) -> str:
-    if not isinstance(tenant, str) or not re.fullmatch(TENANT_PATTERN, tenant):
-        raise StoreError(f"invalid tenant id {tenant!r}: use 1-63 characters a-z, 0-9, '-' or '_', "
-                         f"starting with a letter or digit")
-    return tenant
-
-
-def validate_classes(classes: list[str]) -> list[str]:
-    if not classes:
-        raise StoreError("a tenant needs at least one class name")
-    if len(classes) > MAX_CLASSES:
-        raise StoreError(f"at most {MAX_CLASSES} classes, got {len(classes)}")
-    cleaned = [c.strip() if isinstance(c, str) else c for c in classes]
-    bad = [c for c in cleaned if not isinstance(c, str) or not c or len(c) > MAX_CLASS_NAME or not c.isprintable()]
-    if bad:
-        raise StoreError(f"class names must be non-empty printable text of at most {MAX_CLASS_NAME} characters: {bad[:3]!r}")
-    if len(set(cleaned)) != len(cleaned):
-        raise StoreError("class names must be unique")
-    return cleaned
-
-
-def hash_key(key: str) -> str:
-    # keys are 192-bit random tokens, so a plain sha256 is enough (no password stretching needed)
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key(tenant: str) -> str:
-    """`pf.<tenant>.<secret>`: the tenant is readable so a wrong-tenant key gets a precise 403."""
-    return f"pf.{tenant}.{secrets.token_urlsafe(24)}"
-
-
-def key_tenant(key: str) -> str | None:
-    parts = key.split(".")
-    if len(parts) != 3 or parts[0] != "pf" or not re.fullmatch(TENANT_PATTERN, parts[1]):
-        return None
-    return parts[1]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(6)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-class TenantRecord(BaseModel):
-    id: str = Field(pattern=TENANT_PATTERN)
-    classes: list[str]
-    theta: float | None = None  # None: use the θ of the current local artifact, else the default
-    key_sha256: str
-    created_at: str = ""
-
-    @field_validator("theta")
-    @classmethod
-    def _theta(cls, v: float | None) -> float | None:
-        return None if v is None else check_theta(v)
 
 
 @dataclass(frozen=True)
@@ -125,15 +54,27 @@ class StoredPrompt:
     meta: PromptMeta
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class PromptStore:
-    def __init__(self, root: str | os.PathLike, encoder_fingerprint: str | None = None, width: int | None = None):
+    """Open a store at `root`. A missing store is an error unless `create=True`."""
+
+    def __init__(self, root: str | os.PathLike, encoder_fingerprint: str | None = None, width: int | None = None,
+                 create: bool = False, builtin_global_sha256: str | None = None):
         self.root = Path(root)
         self.fingerprint = encoder_fingerprint
         self.width = width
-        (self.root / "global").mkdir(parents=True, exist_ok=True)
-        (self.root / "tenants").mkdir(parents=True, exist_ok=True)
+        self.builtin_global_sha256 = builtin_global_sha256  # version 0: the service's zero-shot prompt
+        if create:
+            (self.root / "global").mkdir(parents=True, exist_ok=True)
+            (self.root / "tenants").mkdir(parents=True, exist_ok=True)
+        elif not ((self.root / "global").is_dir() and (self.root / "tenants").is_dir()):
+            raise NoStore(f"no prompts store at {self.root} (create one with `promptfolio serve --init` "
+                          f"or `promptfolio tenant add`)")
 
-    # ---- layout and locking -------------------------------------------------------------
+    # ---- layout --------------------------------------------------------------------------
     def _scope(self, tenant: str | None) -> Path:
         if tenant is None:
             return self.root / "global"
@@ -145,23 +86,16 @@ class PromptStore:
             raise UnknownTenant(f"unknown tenant {tenant!r}")
         return scope
 
-    @contextlib.contextmanager
-    def _locked(self, scope: Path) -> Iterator[None]:
-        scope.mkdir(parents=True, exist_ok=True)
-        with open(scope / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _version_path(self, scope: Path, version: int) -> Path:
+        return scope / f"v{version:06d}.safetensors"
+
+    def feature_path(self, tenant: str | None, sha256: str, classes_digest: str, encoder_tag: str) -> Path:
+        """Where the service persists the class features of one prompt content for one class list."""
+        return self._scope(tenant) / "features" / f"{sha256[:32]}-{classes_digest}-{encoder_tag}.safetensors"
 
     def recover(self) -> int:
         """Remove temporary files a crash left behind; returns how many. Call while no writer runs."""
-        removed = 0
-        for tmp in self.root.glob("**/.tmp-*"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        return remove_temporaries(self.root)
 
     # ---- prompt versions ----------------------------------------------------------------
     def versions(self, tenant: str | None = None) -> list[int]:
@@ -170,43 +104,8 @@ class PromptStore:
             return []
         return sorted(int(m.group(1)) for p in scope.iterdir() if (m := VERSION_RE.match(p.name)))
 
-    def current_version(self, tenant: str | None = None) -> int | None:
-        pointer = self._scope(tenant) / "CURRENT"
-        try:
-            text = pointer.read_text().strip()
-        except FileNotFoundError:
-            return None
-        if not text.isdigit():
-            raise StoreError(f"corrupt pointer {pointer}: {text[:20]!r}")
-        return int(text)
-
-    def _version_path(self, scope: Path, version: int) -> Path:
-        return scope / f"v{version:06d}.safetensors"
-
-    def put(self, ctx: torch.Tensor, meta: PromptMeta, tenant: str | None = None) -> PromptMeta:
-        """Store a new immutable version and make it current. Returns the metadata as stored."""
-        scope = self._scope(tenant) if tenant is None else self._require_tenant(tenant)
-        kind = "global" if tenant is None else "local"
-        if meta.kind != kind:
-            raise ArtifactError(f"a {meta.kind} prompt cannot be stored as the {kind} prompt")
-        if self.fingerprint is not None and meta.encoder != self.fingerprint:
-            raise ArtifactError(f"artifact was made for encoder {meta.encoder[:60]}…, "
-                                f"not the running {self.fingerprint[:60]}…")
-        if self.width is not None and ctx.shape[-1] != self.width:
-            raise ArtifactError(f"ctx width {ctx.shape[-1]} does not match the encoder's text width {self.width}")
-        with self._locked(scope):
-            version = max(self.versions(tenant), default=0) + 1
-            stored = meta.model_copy(update={"version": version, "tenant": tenant})
-            data = artifact_bytes(ctx, stored)
-            atomic_write(self._version_path(scope, version), data)
-            atomic_write(scope / "CURRENT", f"{version}\n".encode())
-        return read_artifact(data)[1]
-
-    def put_bytes(self, data: bytes, tenant: str | None = None, producer: str = "upload",
-                  max_bytes: int = MAX_ARTIFACT_BYTES) -> PromptMeta:
-        """Validate an uploaded artifact fully, then store it as a new version."""
-        ctx, meta = read_artifact(data, self.fingerprint, self.width, max_bytes=max_bytes)
-        return self.put(ctx, meta.model_copy(update={"producer": producer}), tenant)
+    def meta(self, tenant: str | None, version: int) -> PromptMeta:
+        return self.load(tenant, version).meta
 
     def load(self, tenant: str | None = None, version: int | None = None) -> StoredPrompt | None:
         """The current (or a given) version, validated against the running encoder; None if none."""
@@ -216,50 +115,262 @@ class PromptStore:
             if version is None:
                 return None
         path = self._version_path(scope, version)
-        if not path.is_file():
-            raise StoreError(f"version {version} of {'the global prompt' if tenant is None else tenant!r} does not exist")
-        ctx, meta = read_artifact(path.read_bytes(), self.fingerprint, self.width)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"version {version} of {'the global prompt' if tenant is None else tenant!r} "
+                             f"does not exist") from None
+        ctx, meta = read_artifact(data, self.fingerprint, self.width)
         return StoredPrompt(ctx, meta)
 
-    def rollback(self, tenant: str | None = None, version: int | None = None) -> int:
-        """Point CURRENT at `version` (default: the newest one older than current)."""
-        scope = self._scope(tenant) if tenant is None else self._require_tenant(tenant)
-        with self._locked(scope):
-            existing = self.versions(tenant)
-            current = self.current_version(tenant)
-            if version is None:
-                older = [v for v in existing if current is not None and v < current]
-                if not older:
-                    raise StoreError("no earlier version to roll back to")
-                version = older[-1]
-            if version not in existing:
-                raise StoreError(f"version {version} does not exist (have {existing[-10:]})")
-            atomic_write(scope / "CURRENT", f"{version}\n".encode())
+    def _read_pointer(self, scope: Path) -> str | None:
+        try:
+            return (scope / "CURRENT").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def global_pointer(self) -> GlobalPointer | None:
+        text = self._read_pointer(self.root / "global")
+        if text is None:
+            return None
+        if text.isdigit():  # a store from before pinning: the bare version number
+            return GlobalPointer(version=int(text), sha256=self.meta(None, int(text)).content_sha256)
+        try:
+            return GlobalPointer.model_validate_json(text)
+        except ValidationError:
+            raise StoreError(f"corrupt pointer {self.root / 'global' / 'CURRENT'}: {text[:40]!r}") from None
+
+    def tenant_pointer(self, tenant: str) -> TenantPointer:
+        scope = self._require_tenant(tenant)
+        text = self._read_pointer(scope)
+        if text is None:
+            return TenantPointer()
+        if text.isdigit():  # a store from before pinning
+            return self._pointer_for(tenant, int(text))
+        try:
+            return TenantPointer.model_validate_json(text)
+        except ValidationError:
+            raise StoreError(f"corrupt pointer {scope / 'CURRENT'}: {text[:40]!r}") from None
+
+    def current_version(self, tenant: str | None = None) -> int | None:
+        if tenant is None:
+            pointer = self.global_pointer()
+            return None if pointer is None else pointer.version
+        return self.tenant_pointer(tenant).local
+
+    def find_global(self, sha256: str, hint: int | None = None) -> int | None:
+        """The store version of the global prompt with this content hash (0: the built-in one)."""
+        if sha256 == self.builtin_global_sha256:
+            return 0
+        candidates = self.versions(None)
+        if hint in candidates:  # the version the artifact names, when it still holds that content
+            candidates = [hint] + [v for v in reversed(candidates) if v != hint]
+        else:
+            candidates = list(reversed(candidates))
+        for version in candidates:
+            try:
+                if self.meta(None, version).content_sha256 == sha256:
+                    return version
+            except (ArtifactError, StoreError):
+                continue
+        return None
+
+    def global_sha(self, version: int) -> str | None:
+        return self.builtin_global_sha256 if version == 0 else self.meta(None, version).content_sha256
+
+    def resolve_pin(self, meta: PromptMeta, allow_unpinned: bool = False) -> int | None:
+        """The global version a local prompt is served with; None = unpinned (follows the current)."""
+        if meta.global_sha256 is None:
+            return None  # an artifact from before pinning
+        version = self.find_global(meta.global_sha256, meta.global_version)
+        if version is None and not allow_unpinned:
+            raise UnknownGlobal(
+                f"this local prompt was trained with global prompt sha256 {meta.global_sha256[:16]}… "
+                f"(version {meta.global_version if meta.global_version is not None else 'unknown'}), which this "
+                f"store does not hold: publish that global prompt first, or upload with allow_unpinned=true to "
+                f"serve it with the current global prompt (unpinned)")
         return version
 
+    def _pointer_for(self, tenant: str, version: int, global_version: int | None = None,
+                     resolve: bool = True) -> TenantPointer:
+        """The pointer serving local `version` with the global it was trained with."""
+        meta = self.meta(tenant, version)
+        if resolve and global_version is None and meta.global_sha256 is not None:
+            global_version = self.find_global(meta.global_sha256, meta.global_version)
+        return TenantPointer(local=version, local_sha256=meta.content_sha256, local_theta=meta.theta,
+                             trained_with_sha256=meta.global_sha256, global_version=global_version,
+                             global_sha256=None if global_version is None else self.global_sha(global_version))
+
+    def put(self, ctx: torch.Tensor, meta: PromptMeta, tenant: str | None = None,
+            pin: int | None | str = "resolve") -> PromptMeta:
+        """Store a new immutable version and make it current. Returns the metadata as stored.
+
+        pin (local prompts): the global version to serve it with; None: unpinned; "resolve": look
+        up the global the artifact records (UnknownGlobal when the store does not hold it).
+        """
+        scope = self._scope(tenant) if tenant is None else self._require_tenant(tenant)
+        self._check_fits(ctx, meta, "global" if tenant is None else "local")
+        if pin == "resolve":
+            pin = None if tenant is None else self.resolve_pin(meta)
+        global_sha = None if pin is None else self.global_sha(int(pin))
+        sha = content_sha256(ctx)
+        with locked(scope):
+            version = max(self.versions(tenant), default=0) + 1
+            update: dict[str, object] = {"version": version, "tenant": tenant, "content_sha256": sha,
+                                         "n_ctx": ctx.shape[0], "width": ctx.shape[1]}
+            if pin is not None:
+                update["global_version"] = pin  # the store version of the global it was trained with
+            stored = meta.model_copy(update=update)
+            atomic_write(self._version_path(scope, version), artifact_bytes(ctx, stored))
+            if tenant is None:
+                pointer: GlobalPointer | TenantPointer = GlobalPointer(version=version, sha256=sha)
+            else:
+                pointer = TenantPointer(local=version, local_sha256=sha, local_theta=meta.theta,
+                                        trained_with_sha256=meta.global_sha256, global_version=pin,
+                                        global_sha256=global_sha)
+            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+        return stored
+
+    def _check_fits(self, ctx: torch.Tensor, meta: PromptMeta, kind: str) -> None:
+        if meta.kind != kind:
+            raise ArtifactError(f"a {meta.kind} prompt cannot be stored as the {kind} prompt")
+        if self.fingerprint is not None and meta.encoder != self.fingerprint:
+            raise ArtifactError(f"artifact was made for encoder {meta.encoder[:60]}…, "
+                                f"not the running {self.fingerprint[:60]}…")
+        if self.width is not None and ctx.shape[-1] != self.width:
+            raise ArtifactError(f"ctx width {ctx.shape[-1]} does not match the encoder's text width {self.width}")
+
+    def put_bytes(self, data: bytes, tenant: str | None = None, producer: str = "upload",
+                  max_bytes: int = MAX_ARTIFACT_BYTES, allow_unpinned: bool = False) -> PromptMeta:
+        """Validate an uploaded artifact fully, then store it as a new version."""
+        ctx, meta = read_artifact(data, self.fingerprint, self.width, max_bytes=max_bytes)
+        pin = None if tenant is None else self.resolve_pin(meta, allow_unpinned)
+        return self.put(ctx, meta.model_copy(update={"producer": producer}), tenant, pin)
+
+    def set_global(self, version: int) -> GlobalPointer:
+        """Make an existing global version current (a rollback is a pointer move)."""
+        scope = self._scope(None)
+        with locked(scope):
+            if version not in self.versions(None):
+                raise StoreError(f"global version {version} does not exist (have {self.versions(None)[-10:]})")
+            pointer = GlobalPointer(version=version, sha256=self.meta(None, version).content_sha256)
+            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+        return pointer
+
+    def set_pointer(self, tenant: str, pointer: TenantPointer) -> TenantPointer:
+        scope = self._require_tenant(tenant)
+        with locked(scope):
+            if pointer.local is not None and pointer.local not in self.versions(tenant):
+                raise StoreError(f"version {pointer.local} of {tenant!r} does not exist")
+            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+        return pointer
+
+    def rollback_target(self, tenant: str | None, version: int | None) -> int:
+        """The version a rollback goes to (default: the newest one older than the current)."""
+        if tenant is not None:
+            self._require_tenant(tenant)
+        existing = self.versions(tenant)
+        current = self.current_version(tenant)
+        if version is None:
+            older = [v for v in existing if current is not None and v < current]
+            if not older:
+                raise StoreError("no earlier version to roll back to")
+            return older[-1]
+        if version not in existing:
+            raise StoreError(f"version {version} does not exist (have {existing[-10:]})")
+        return version
+
+    def rollback_pointer(self, tenant: str, version: int) -> TenantPointer:
+        """What a tenant serves after rolling back to local `version`: it with its own trained global."""
+        return self._pointer_for(tenant, version)
+
+    def repin_pointer(self, tenant: str, global_version: int | None) -> TenantPointer:
+        """The tenant's current local prompt served with `global_version` (None: follow the current)."""
+        current = self.tenant_pointer(tenant)
+        if global_version is not None and global_version != 0 and global_version not in self.versions(None):
+            raise StoreError(f"global version {global_version} does not exist (have {self.versions(None)[-10:]})")
+        sha = None if global_version is None else self.global_sha(global_version)
+        return current.model_copy(update={"global_version": global_version, "global_sha256": sha,
+                                          "repinned": global_version is None or sha != current.trained_with_sha256})
+
+    def rollback(self, tenant: str | None = None, version: int | None = None) -> int:
+        """Point CURRENT at `version` (no feature check: the service goes through its own writes)."""
+        target = self.rollback_target(tenant, version)
+        if tenant is None:
+            self.set_global(target)
+        else:
+            self.set_pointer(tenant, self.rollback_pointer(tenant, target))
+        return target
+
+    def pinned_globals(self) -> set[int]:
+        pinned = set()
+        for tenant in self.tenants():
+            try:
+                pointer = self.tenant_pointer(tenant)
+            except (StoreError, ArtifactError):
+                continue
+            if pointer.global_version is not None:
+                pinned.add(pointer.global_version)
+        return pinned
+
     def prune(self, tenant: str | None = None, keep: int = 5) -> list[int]:
-        """Delete all but the newest `keep` versions; the current one is always kept."""
+        """Delete all but the newest `keep` versions, and their persisted features; the current
+        version and, for the global prompt, every version a tenant is pinned to are always kept."""
         scope = self._scope(tenant)
-        with self._locked(scope):
+        protected = self.pinned_globals() if tenant is None else set()
+        with locked(scope):
             existing = self.versions(tenant)
-            current = self.current_version(tenant)
-            doomed = [v for v in existing[: max(0, len(existing) - keep)] if v != current]
+            protected.add(self.current_version(tenant))
+            doomed = [v for v in existing[: max(0, len(existing) - keep)] if v not in protected]
+            shas = {v: _file_sha(self._version_path(scope, v)) for v in existing}
             for v in doomed:
                 self._version_path(scope, v).unlink()
+            kept_shas = {s for v, s in shas.items() if v not in doomed}
+            for sha in {shas[v] for v in doomed} - kept_shas - {None}:
+                for path in (scope / "features").glob(f"{sha[:32]}-*"):
+                    path.unlink(missing_ok=True)
             fsync_dir(scope)
         return doomed
 
+    # ---- what a tenant serves -------------------------------------------------------------
+    def serving(self, tenant: str, record: TenantRecord | None = None, pointer: TenantPointer | None = None) -> Serving:
+        """What `tenant` serves now, or would serve with another record or pointer (a preview)."""
+        record = record or self.tenant(tenant)
+        pointer = pointer or self.tenant_pointer(tenant)
+        if pointer.global_version is not None:
+            g_version, g_sha = pointer.global_version, pointer.global_sha256
+        else:
+            current = self.global_pointer()
+            g_version, g_sha = (0, self.builtin_global_sha256) if current is None else (current.version, current.sha256)
+        trained = None if pointer.local is None else (pointer.trained_with_sha256 is not None
+                                                      and pointer.trained_with_sha256 == g_sha)
+        return Serving(tenant=tenant, classes=record.classes, theta_setting=record.theta, local_version=pointer.local,
+                       local_sha256=pointer.local_sha256, local_theta=pointer.local_theta, global_version=g_version,
+                       global_sha256=g_sha, pinned=pointer.pinned, trained_together=trained,
+                       trained_with_sha256=pointer.trained_with_sha256)
+
     # ---- tenant registry ----------------------------------------------------------------
-    def add_tenant(self, tenant: str, classes: list[str], theta: float | None = None) -> str:
-        """Register a tenant; returns its API key (shown once, stored only as a hash)."""
-        scope = self._scope(tenant)
-        classes = validate_classes(classes)
+    def new_record(self, tenant: str, classes: list[str], theta: float | None = None) -> tuple[TenantRecord, str]:
+        """A validated record for a new tenant and its API key (nothing written yet)."""
+        validate_tenant_id(tenant)
         key = new_key(tenant)
-        with self._locked(scope):
+        record = TenantRecord(id=tenant, classes=validate_classes(classes),
+                              theta=None if theta is None else check_theta(theta), key_sha256=hash_key(key),
+                              created_at=_now())
+        return record, key
+
+    def tenant_exists_check(self, tenant: str) -> None:
+        if (self._scope(tenant) / "tenant.json").exists():
+            raise StoreError(f"tenant {tenant!r} already exists")
+
+    def add_tenant(self, tenant: str, classes: list[str], theta: float | None = None,
+                   record: tuple[TenantRecord, str] | None = None) -> str:
+        """Register a tenant; returns its API key (shown once, stored only as a hash)."""
+        record, key = record or self.new_record(tenant, classes, theta)
+        scope = self._scope(tenant)
+        with locked(scope):
             if (scope / "tenant.json").exists():
                 raise StoreError(f"tenant {tenant!r} already exists")
-            record = TenantRecord(id=tenant, classes=classes, theta=theta, key_sha256=hash_key(key),
-                                  created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
         return key
 
@@ -267,26 +378,32 @@ class PromptStore:
         scope = self._require_tenant(tenant)
         return TenantRecord.model_validate_json((scope / "tenant.json").read_bytes())
 
-    def update_tenant(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
-                      clear_theta: bool = False) -> TenantRecord:
-        scope = self._require_tenant(tenant)
-        with self._locked(scope):
-            record = self.tenant(tenant)
-            update: dict[str, object] = {}
-            if classes is not None:
-                update["classes"] = validate_classes(classes)
-            if theta is not None:
-                update["theta"] = check_theta(theta)
-            if clear_theta:
-                update["theta"] = None
-            record = record.model_copy(update=update)
+    def updated_record(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
+                       clear_theta: bool = False) -> TenantRecord:
+        """The tenant's record with the changes applied (nothing written yet)."""
+        update: dict[str, object] = {}
+        if classes is not None:
+            update["classes"] = validate_classes(classes)
+        if theta is not None:
+            update["theta"] = check_theta(theta)
+        if clear_theta:
+            update["theta"] = None
+        return self.tenant(tenant).model_copy(update=update)
+
+    def write_record(self, record: TenantRecord) -> TenantRecord:
+        scope = self._require_tenant(record.id)
+        with locked(scope):
             atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
         return record
+
+    def update_tenant(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
+                      clear_theta: bool = False) -> TenantRecord:
+        return self.write_record(self.updated_record(tenant, classes, theta, clear_theta))
 
     def rotate_key(self, tenant: str) -> str:
         scope = self._require_tenant(tenant)
         key = new_key(tenant)
-        with self._locked(scope):
+        with locked(scope):
             record = self.tenant(tenant).model_copy(update={"key_sha256": hash_key(key)})
             atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
         return key
@@ -298,6 +415,17 @@ class PromptStore:
     def verify_key(self, tenant: str, key: str) -> bool:
         try:
             record = self.tenant(tenant)
-        except (UnknownTenant, StoreError):
+        except StoreError:
             return False
-        return hmac.compare_digest(record.key_sha256, hash_key(key))
+        return key_matches(record.key_sha256, key)
+
+
+def _file_sha(path: Path) -> str | None:
+    """The content hash an artifact's header records, without loading its tensor."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 1 << 16)))
+        return str(header["__metadata__"]["content_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

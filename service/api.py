@@ -19,11 +19,13 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store.artifact import ArtifactError
-from prompts_store.store import StoreError, UnknownTenant, hash_key, key_tenant
+from prompts_store.errors import StoreError, UnknownGlobal, UnknownTenant
+from prompts_store.keys import hash_key, key_tenant
 from service import images as image_io
 from service import metrics
 from service.batcher import Overloaded
-from service.engine import Engine
+from service import writes
+from service.engine import Engine, TenantView
 
 
 class APIError(Exception):
@@ -45,6 +47,11 @@ class TenantUpdate(BaseModel):
 
 class Rollback(BaseModel):
     version: int | None = None
+
+
+class Repin(BaseModel):
+    # the global version to serve the tenant's local prompt with; null: follow the current global
+    global_version: int | None = Field(ge=0)
 
 
 def engine_of(request: Request) -> Engine:
@@ -96,12 +103,24 @@ async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
     return data
 
 
-def tenant_info(engine: Engine, tenant: str) -> dict:
+def tenant_info(engine: Engine, tenant: str, view: TenantView | None = None) -> dict:
     record = engine.store.tenant(tenant)
-    view = engine.view(tenant)
+    view = view or engine.view(tenant)
+    s = view.serving
+    trained_with = None if s.trained_with_sha256 is None else engine.store.find_global(s.trained_with_sha256)
     return {"id": tenant, "classes": record.classes, "theta": record.theta, "effective_theta": view.theta,
-            "global_version": view.global_version, "local_version": view.local_version,
+            "global_version": view.global_version, "local_version": view.local_version, "pinned": s.pinned,
+            "trained_together": s.trained_together, "trained_with_global_sha256": s.trained_with_sha256,
+            "trained_with_global_version": trained_with, "local_theta": s.local_theta,
             "local_versions": engine.store.versions(tenant), "created_at": record.created_at}
+
+
+def _pair_warning(view: TenantView) -> list[str]:
+    s = view.serving
+    if s.local_version is not None and s.trained_together is False:
+        return [f"local version {s.local_version} was not trained with global version {s.global_version}: "
+                f"this pair was not trained together"]
+    return []
 
 
 def create_app() -> FastAPI:
@@ -116,7 +135,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError):
-        status = 404 if isinstance(exc, UnknownTenant) else 400
+        status = 404 if isinstance(exc, UnknownTenant) else 409 if isinstance(exc, UnknownGlobal) else 400
         metrics.count_error(status)
         return JSONResponse({"error": str(exc)}, status_code=status)
 
@@ -180,10 +199,8 @@ def create_app() -> FastAPI:
     # ---- admin ------------------------------------------------------------------------------
     @app.post("/tenants", status_code=201, dependencies=[Depends(require_admin)])
     def register_tenant(request: Request, body: NewTenant) -> dict:
-        engine = engine_of(request)
-        key = engine.store.add_tenant(body.id, body.classes, body.theta)
-        engine.warm(body.id)
-        return {"id": body.id, "api_key": key, "classes": engine.store.tenant(body.id).classes, "theta": body.theta}
+        key, view = writes.register(engine_of(request), body.id, body.classes, body.theta)
+        return {"id": body.id, "api_key": key, "classes": view.classes, "theta": body.theta, **view.summary()}
 
     @app.get("/tenants", dependencies=[Depends(require_admin)])
     def list_tenants(request: Request) -> dict:
@@ -193,13 +210,13 @@ def create_app() -> FastAPI:
     async def publish_global(request: Request, file: UploadFile = File(...)) -> dict:
         engine = engine_of(request)
         data = await _read_limited(file, engine.cfg.max_upload_bytes, "artifact")
-        meta = await run_in_threadpool(engine.store.put_bytes, data, None, "upload",
-                                       engine.cfg.max_upload_bytes)
-        return {"version": meta.version, "content_sha256": meta.content_sha256, "n_ctx": meta.n_ctx}
+        result = await run_in_threadpool(writes.publish_global, engine, data)
+        return {"version": result.meta.version, "content_sha256": result.meta.content_sha256,
+                "n_ctx": result.meta.n_ctx, "notes": result.notes}
 
     @app.post("/global/rollback", dependencies=[Depends(require_admin)])
     def rollback_global(request: Request, body: Rollback) -> dict:
-        return {"version": engine_of(request).store.rollback(None, body.version)}
+        return {"version": writes.rollback_global(engine_of(request), body.version)}
 
     # ---- tenant -----------------------------------------------------------------------------
     @app.get("/tenants/{tenant}")
@@ -212,28 +229,34 @@ def create_app() -> FastAPI:
         require_tenant(request, tenant)
         engine = engine_of(request)
         clear = "theta" in body.model_fields_set and body.theta is None
-        engine.store.update_tenant(tenant, body.classes, body.theta, clear_theta=clear)
-        engine.warm(tenant)
-        return tenant_info(engine, tenant)
+        view = writes.update_tenant(engine, tenant, body.classes, body.theta, clear)
+        return tenant_info(engine, tenant, view)
 
     @app.post("/tenants/{tenant}/prompt", status_code=201)
-    async def upload_local(request: Request, tenant: str, file: UploadFile = File(...)) -> dict:
+    async def upload_local(request: Request, tenant: str, file: UploadFile = File(...),
+                           allow_unpinned: bool = Form(False)) -> dict:
         require_tenant(request, tenant)
         engine = engine_of(request)
         data = await _read_limited(file, engine.cfg.max_upload_bytes, "artifact")
-        meta = await run_in_threadpool(engine.store.put_bytes, data, tenant, "upload", engine.cfg.max_upload_bytes)
-        await run_in_threadpool(engine.warm, tenant)  # features ready before we answer
+        # validated, features computed and persisted, then committed: served by the very next request
+        result = await run_in_threadpool(writes.upload_local, engine, tenant, data, allow_unpinned)
         metrics.count_upload(tenant)
+        meta = result.meta
         return {"tenant": tenant, "version": meta.version, "content_sha256": meta.content_sha256,
-                "n_ctx": meta.n_ctx, "theta": meta.theta}
+                "n_ctx": meta.n_ctx, "theta": meta.theta, "global_sha256": meta.global_sha256,
+                **result.view.summary(), "notes": result.notes + _pair_warning(result.view)}
 
     @app.post("/tenants/{tenant}/rollback")
     def rollback_local(request: Request, tenant: str, body: Rollback) -> dict:
         require_tenant(request, tenant)
-        engine = engine_of(request)
-        version = engine.store.rollback(tenant, body.version)
-        engine.warm(tenant)
-        return {"tenant": tenant, "version": version}
+        view = writes.rollback_local(engine_of(request), tenant, body.version)
+        return {"tenant": tenant, "version": view.local_version, **view.summary(), "notes": _pair_warning(view)}
+
+    @app.post("/tenants/{tenant}/pin")
+    def repin(request: Request, tenant: str, body: Repin) -> dict:
+        require_tenant(request, tenant)
+        view = writes.repin(engine_of(request), tenant, body.global_version)
+        return {"tenant": tenant, **view.summary(), "notes": _pair_warning(view)}
 
     @app.post("/tenants/{tenant}/classify")
     async def classify(request: Request, tenant: str, images: list[UploadFile] = File(...),
@@ -261,8 +284,7 @@ def create_app() -> FastAPI:
         feats = await engine.batcher.encode(torch.stack(tensors))
         ranked = engine.rank(view, feats, top_k)
         metrics.count_classify(tenant, len(tensors))
-        return {"tenant": tenant, "global_version": view.global_version, "local_version": view.local_version,
-                "theta": view.theta,
+        return {"tenant": tenant, **view.summary(),
                 "predictions": [{"file": name, "top": top} for (_, name), top in zip(payloads, ranked)]}
 
     return app

@@ -11,6 +11,9 @@ DEFAULT_STORE = os.environ.get("PROMPTFOLIO_STORE", ".cache/store")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from prompts_store.store import PromptStore
+
+    PromptStore(args.store, create=args.init)  # a missing store is an error (exit 2) unless --init
     env = dict(os.environ)
     env.update({"PROMPTFOLIO_STORE": str(Path(args.store).resolve()), "PROMPTFOLIO_ARCH": args.arch,
                 "PROMPTFOLIO_PRETRAINED": args.pretrained, "BENTOML_DO_NOT_TRACK": "true"})
@@ -25,10 +28,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace, create: bool = False):
     from prompts_store.store import PromptStore
 
-    return PromptStore(args.store)
+    return PromptStore(args.store, create=create)
 
 
 def _classes(args: argparse.Namespace) -> list[str]:
@@ -40,7 +43,7 @@ def _classes(args: argparse.Namespace) -> list[str]:
 def _tenant_add(args: argparse.Namespace) -> int:
     if not args.classes and not args.classes_file:
         raise ValueError("give the tenant's classes with --classes 'a,b,c' or --classes-file")
-    key = _store(args).add_tenant(args.tenant, _classes(args), args.theta)
+    key = _store(args, create=True).add_tenant(args.tenant, _classes(args), args.theta)
     print(f"tenant {args.tenant} registered; its API key (shown once, stored hashed):", file=sys.stderr)
     print(key)
     return 0
@@ -49,9 +52,15 @@ def _tenant_add(args: argparse.Namespace) -> int:
 def _tenant_list(args: argparse.Namespace) -> int:
     store = _store(args)
     for tenant in store.tenants():
-        record = store.tenant(tenant)
-        theta = "auto" if record.theta is None else f"{record.theta:g}"
-        print(f"{tenant}\tclasses={len(record.classes)}\ttheta={theta}\tlocal_version={store.current_version(tenant)}")
+        s = store.serving(tenant)
+        theta = "auto" if s.theta_setting is None else f"{s.theta_setting:g}"
+        if s.theta_setting is None and s.local_theta is not None:
+            theta += f"({s.local_theta:g})"
+        pair = "pinned" if s.pinned else "follows-current"
+        if s.trained_together is False:
+            pair += ",not-trained-together"
+        print(f"{tenant}\tclasses={len(s.classes)}\ttheta={theta}\tglobal_version={s.global_version}"
+              f"\tlocal_version={s.local_version}\t{pair}")
     return 0
 
 
@@ -71,6 +80,7 @@ def _upload(args: argparse.Namespace) -> int:
     try:
         response = httpx.post(target, headers={"Authorization": f"Bearer {args.key}"},
                               files={"file": (path.name, path.read_bytes(), "application/octet-stream")},
+                              data={"allow_unpinned": "true"} if args.allow_unpinned else None,
                               timeout=args.timeout)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {url}: {e}") from None
@@ -97,6 +107,7 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--admin-key", default=os.environ.get("PROMPTFOLIO_ADMIN_KEY"),
                    help="enables the admin endpoints (or PROMPTFOLIO_ADMIN_KEY)")
+    p.add_argument("--init", action="store_true", help="create the store if the folder holds none")
     p.set_defaults(handler=_serve)
 
     t = sub.add_parser("tenant", help="manage tenants in a store (local admin)")
@@ -120,6 +131,8 @@ def add_commands(sub) -> None:
     p.add_argument("--url", default="http://127.0.0.1:3000")
     p.add_argument("--tenant", help="tenant id (omit with the admin key to publish a global prompt)")
     p.add_argument("--key", required=True, help="the tenant's API key (or the admin key)")
+    p.add_argument("--allow-unpinned", action="store_true",
+                   help="accept a local prompt whose global prompt the store does not hold (served unpinned)")
     p.add_argument("--file", required=True, help="a .safetensors prompt artifact")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(handler=_upload)

@@ -1,77 +1,36 @@
 """The serving engine: one frozen encoder, the prompts store, cached class features, batching.
 
-Because the encoder is frozen, `T(p, classes)` is a constant per (prompt version, class list):
-it is computed when a version or class list changes (an upload computes it before returning)
-and kept in an LRU cache shared by tenants, so tenants with the same classes share the global
-features. A request then costs one image encoding plus a `[B, D] x [D, C]` product, and a
-per-request θ costs nothing since the mix happens on features.
+Because the encoder is frozen, `T(p, classes)` is a constant per (prompt content, class list): it
+is computed when a write changes what a tenant serves, before the store's pointer moves (see
+service/writes.py), and kept in an LRU cache and on disk. A classify asks the store one question
+("what does this tenant serve?"), finds both feature matrices in the cache, and costs one image
+encoding plus a `[B, D] x [D, C]` product; a per-request θ costs nothing since the mix happens
+on features.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
-from prompts_store.store import PromptStore, atomic_write
+from prompts_store.artifact import content_sha256
+from prompts_store.errors import StoreError, Unservable
+from prompts_store.pointers import Serving
+from prompts_store.store import PromptStore
 from promptfolio import portfolio
 from promptfolio.encoder import Encoder, load_encoder
 from promptfolio.prompts import encode_classes, init_context
 from service.backends import make_backend
 from service.batcher import MicroBatcher
 from service.config import ServiceConfig
+from service.features import FeatureCache, classes_digest, load_persisted, persist
 
-ZERO_SHOT_PHRASE = "a photo of a"
-log = logging.getLogger("promptfolio.service")  # the global prompt until one is published (version 0)
-
-
-def classes_digest(classes: list[str]) -> str:
-    return hashlib.sha256("\x1f".join(classes).encode()).hexdigest()[:16]
-
-
-class FeatureCache:
-    """LRU of class-feature matrices keyed by (scope, version, classes digest), bounded in bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: tuple, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old.numel() * old.element_size()
-            self._items[key] = value
-            self.bytes += size
-            while self.bytes > self.max_bytes and len(self._items) > 1:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
-
-    def __len__(self) -> int:
-        return len(self._items)
+ZERO_SHOT_PHRASE = "a photo of a"  # the global prompt until one is published (version 0)
 
 
 @dataclass(frozen=True)
@@ -86,6 +45,13 @@ class TenantView:
     local_version: int | None
     theta: float  # effective θ (0 when the tenant has no local prompt yet)
     cache_hit: bool
+    serving: Serving
+
+    def summary(self) -> dict:
+        """The served pair as the API reports it."""
+        s = self.serving
+        return {"global_version": self.global_version, "local_version": self.local_version, "theta": self.theta,
+                "pinned": s.pinned, "trained_together": s.trained_together}
 
 
 class Engine:
@@ -94,88 +60,87 @@ class Engine:
         start = time.perf_counter()
         self.encoder = encoder or load_encoder(cfg.arch, cfg.pretrained, cfg.resolved_device())
         self.load_seconds = time.perf_counter() - start
-        self.store = PromptStore(cfg.store, self.encoder.fingerprint, self.encoder.text_width)
+        self.zero_shot_ctx = init_context(self.encoder, phrase=ZERO_SHOT_PHRASE)
+        self.zero_shot_sha256 = content_sha256(self.zero_shot_ctx)
+        self.store = PromptStore(cfg.store, self.encoder.fingerprint, self.encoder.text_width,
+                                 builtin_global_sha256=self.zero_shot_sha256)
         self.recovered_tmp_files = self.store.recover()
         self.cache = FeatureCache(int(cfg.cache_mb * (1 << 20)))
-        self._artifact_theta: dict[tuple[str, int], float | None] = {}  # θ a local artifact carries
-        self.zero_shot_ctx = init_context(self.encoder, phrase=ZERO_SHOT_PHRASE)
+        self.encoder_tag = hashlib.sha256(self.encoder.fingerprint.encode()).hexdigest()[:12]
+        # one writer at a time inside the service: a write's check and its commit see the same state
+        self.write_lock = threading.RLock()
         self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images)
 
     # ---- text side ----------------------------------------------------------------------
-    def _features(self, scope: str, version: int, ctx_loader, classes: list[str]) -> tuple[torch.Tensor, bool]:
-        key = (scope, version, classes_digest(classes))
+    def features(self, tenant: str | None, sha256: str, classes: list[str],
+                 load_ctx: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """`T(p, classes)` `[C, D]` of the prompt with content `sha256` in `tenant`'s scope (None:
+        global): from memory, else from disk, else encoded and persisted. Unservable if it cannot be."""
+        digest = classes_digest(classes)
+        key = ("global" if tenant is None else tenant, sha256, digest)
         cached = self.cache.get(key)
         if cached is not None:
             return cached, True
-        feats = self._persisted(key, len(classes))
+        path = self.store.feature_path(tenant, sha256, digest, self.encoder_tag)
+        feats = load_persisted(path, (len(classes), self.encoder.embed_dim))
         if feats is None:
-            feats = encode_classes(self.encoder, ctx_loader(), classes).cpu()
-            self._persist(key, feats)
+            ctx = load_ctx()
+            try:
+                feats = encode_classes(self.encoder, ctx, classes).cpu()
+            except ValueError as e:  # e.g. class names too long for the context length with this n_ctx
+                raise Unservable(str(e)) from None
+            if not torch.isfinite(feats).all():
+                raise Unservable(f"its class features are not finite (the context's values, up to "
+                                 f"{float(ctx.abs().max()):.3g} in magnitude, overflow the text encoder)")
+            persist(path, feats)
         self.cache.put(key, feats)
         return feats, False
 
-    # Features are persisted beside the store, so a cold tenant (after a restart or an eviction)
-    # loads a [C, D] matrix instead of running the text encoder (seconds for 100 ViT-B-32 classes).
-    def _feature_file(self, key: tuple) -> Path:
-        name = hashlib.sha256(repr((self.encoder.fingerprint, *key)).encode()).hexdigest()[:32]
-        return self.store.root / "features" / f"{name}.safetensors"
+    def _global_loader(self, serving: Serving) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            if serving.global_version == 0:
+                return self.zero_shot_ctx
+            stored = self.store.load(None, serving.global_version)
+            if serving.global_sha256 is not None and stored.meta.content_sha256 != serving.global_sha256:
+                raise StoreError(f"global version {serving.global_version} no longer holds the pinned content")
+            return stored.ctx
+        return load
 
-    def _persisted(self, key: tuple, n_classes: int) -> torch.Tensor | None:
-        path = self._feature_file(key)
-        try:
-            feats = load_file(str(path))["features"]
-        except (FileNotFoundError, KeyError, SafetensorError, OSError):
-            return None
-        if feats.shape != (n_classes, self.encoder.embed_dim) or not torch.isfinite(feats).all():
-            return None  # stale or damaged: recompute
-        return feats
+    def _local_loader(self, serving: Serving) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            stored = self.store.load(serving.tenant, serving.local_version)
+            if serving.local_sha256 is not None and stored.meta.content_sha256 != serving.local_sha256:
+                raise StoreError(f"local version {serving.local_version} of {serving.tenant!r} no longer holds "
+                                 f"the content it was stored with")
+            return stored.ctx
+        return load
 
-    def _persist(self, key: tuple, feats: torch.Tensor) -> None:
-        path = self._feature_file(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, save({"features": feats.contiguous()}))
-        except OSError as e:  # a read-only store still serves, it just recomputes after restarts
-            log.warning("could not persist class features to %s: %s", path, e)
-
-    def view(self, tenant: str, theta: float | None = None) -> TenantView:
-        """The tenant's current features; computes (and caches) whatever is missing."""
-        record = self.store.tenant(tenant)
-        g_version = self.store.current_version(None) or 0
-        l_version = self.store.current_version(tenant)
-        local_meta_theta = None
-
-        def global_ctx() -> torch.Tensor:
-            stored = self.store.load(None, g_version) if g_version else None
-            return stored.ctx if stored else self.zero_shot_ctx
-
-        t_global, hit_g = self._features("global", g_version, global_ctx, record.classes)
-        t_local, hit_l = None, True
-        if l_version is not None:
-            key = (tenant, l_version)
-
-            def local_ctx() -> torch.Tensor:
-                stored = self.store.load(tenant, l_version)
-                self._artifact_theta[key] = stored.meta.theta
-                return stored.ctx
-
-            t_local, hit_l = self._features(f"tenant:{tenant}", l_version, local_ctx, record.classes)
-            if key not in self._artifact_theta:
-                self._artifact_theta[key] = self.store.load(tenant, l_version).meta.theta
-            local_meta_theta = self._artifact_theta[key]
+    def view(self, tenant: str, theta: float | None = None, serving: Serving | None = None,
+             global_ctx: torch.Tensor | None = None, local_ctx: torch.Tensor | None = None) -> TenantView:
+        """The features of what `tenant` serves (or of `serving`, a preview a write checks before it
+        commits, with the new prompts' contexts given directly)."""
         override = None if theta is None else portfolio.check_theta(theta)  # a bad θ is a 400 either way
+        s = serving or self.store.serving(tenant)
+        g_sha = s.global_sha256 or self.zero_shot_sha256
+        try:
+            t_global, hit_g = self.features(None, g_sha, s.classes, (lambda: global_ctx) if global_ctx is not None
+                                            else self._global_loader(s))
+            t_local, hit_l = None, True
+            if s.local_sha256 is not None:
+                t_local, hit_l = self.features(tenant, s.local_sha256, s.classes, (lambda: local_ctx)
+                                               if local_ctx is not None else self._local_loader(s))
+        except Unservable as e:
+            local = "none" if s.local_sha256 is None else (s.local_version or "new")
+            raise Unservable(f"cannot serve tenant {tenant!r} with global version {s.global_version} and local "
+                             f"version {local}: {e}") from None
         if t_local is None:
             effective = 0.0  # nothing to mix yet: the global prompt alone
         else:  # request override, then the tenant's setting, then the θ its artifact carries
-            effective = next(t for t in (override, record.theta, local_meta_theta, portfolio.DEFAULT_THETA)
+            effective = next(t for t in (override, s.theta_setting, s.local_theta, portfolio.DEFAULT_THETA)
                              if t is not None)
-        return TenantView(tenant, record.classes, t_global, t_local, g_version, l_version, effective,
-                          hit_g and hit_l)
-
-    def warm(self, tenant: str) -> TenantView:
-        """Compute a tenant's features now (after an upload, a rollback or a class change)."""
-        return self.view(tenant)
+        return TenantView(tenant, s.classes, t_global, t_local, s.global_version, s.local_version, effective,
+                          hit_g and hit_l, s)
 
     # ---- classification -----------------------------------------------------------------
     def rank(self, view: TenantView, image_features: torch.Tensor, top_k: int) -> list[list[dict]]:

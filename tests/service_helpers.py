@@ -32,7 +32,7 @@ class Server:
                    PROMPTFOLIO_ONNX_CACHE=str(self.store.parent / "onnx"),
                    HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **self.env)
         cmd = [sys.executable, "-m", "promptfolio.cli", "serve", "--store", str(self.store), "--host", "127.0.0.1",
-               "--port", str(self.port), "--admin-key", ADMIN_KEY]
+               "--port", str(self.port), "--admin-key", ADMIN_KEY, "--init"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + timeout

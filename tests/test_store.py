@@ -36,10 +36,26 @@ def test_artifact_roundtrip_is_self_describing():
     assert len(m.content_sha256) == 64
 
 
+def _rewrite_header(data: bytes, old: bytes, new: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8: 8 + n].replace(old, new)
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]
+
+
+def _with_header(header_and_body: bytes) -> bytes:
+    return struct.pack("<Q", len(header_and_body)) + header_and_body
+
+
 @pytest.mark.parametrize("case,message", [
     ("wrong_encoder", "made for encoder"),
     ("wrong_width", "does not match the encoder's text width"),
-    ("int_dtype", "float tensor"),
+    ("int_dtype", "float32 tensor"),
+    ("float64", "float32 tensor"),
+    ("deep_header", "nested deeper"),
+    ("deep_classes", "nested deeper"),
+    ("nested_class_entry", "nested deeper"),
+    ("non_string_meta", "invalid metadata|map names to strings"),
+    ("global_names_tenant", "global prompt has no tenant"),
     ("nan", "NaN or infinite"),
     ("inf", "NaN or infinite"),
     ("extra_tensor", "exactly one tensor"),
@@ -61,6 +77,12 @@ def test_hostile_and_malformed_artifacts_are_refused(case, message):
         "wrong_encoder": artifact_bytes(ctx(), meta().model_copy(update={"encoder": "other:sha256:00"})),
         "wrong_width": artifact_bytes(torch.zeros(4, WIDTH + 1), meta()),
         "int_dtype": raw_safetensors({"ctx": torch.zeros(4, WIDTH, dtype=torch.int32)}, strings),
+        "float64": raw_safetensors({"ctx": ctx().double()}, strings),
+        "deep_header": _with_header(b'{"__metadata__": {}, "x": ' + b"[" * 100_00 + b"]" * 100_00 + b"}"),
+        "deep_classes": raw_safetensors({"ctx": ctx()}, dict(strings, classes="[" * 5000 + "]" * 5000)),
+        "nested_class_entry": raw_safetensors({"ctx": ctx()}, dict(strings, classes='[["a", ["b"]], "c"]')),
+        "non_string_meta": _rewrite_header(good, b'"kind":"local"', b'"kind":{"a":[1]}'),
+        "global_names_tenant": raw_safetensors({"ctx": ctx()}, dict(strings, kind="global")),
         "nan": raw_safetensors({"ctx": torch.full((4, WIDTH), float("nan"))}, strings),
         "inf": raw_safetensors({"ctx": torch.full((4, WIDTH), float("inf"))}, strings),
         "extra_tensor": raw_safetensors({"ctx": ctx(), "payload": torch.zeros(3)}, strings),
@@ -79,7 +101,7 @@ def test_hostile_and_malformed_artifacts_are_refused(case, message):
 
 
 def test_versions_rollback_prune_and_pointer(tmp_path):
-    store = PromptStore(tmp_path, FP, WIDTH)
+    store = PromptStore(tmp_path, FP, WIDTH, create=True)
     store.add_tenant("t1", ["red circle", "blue star"], theta=0.4)
     assert store.current_version("t1") is None and store.load("t1") is None
     for seed in range(4):
@@ -105,7 +127,7 @@ def test_versions_rollback_prune_and_pointer(tmp_path):
 
 
 def test_tenant_registry_keys_and_validation(tmp_path):
-    store = PromptStore(tmp_path, FP, WIDTH)
+    store = PromptStore(tmp_path, FP, WIDTH, create=True)
     key = store.add_tenant("acme", ["red circle"])
     assert key_tenant(key) == "acme" and store.verify_key("acme", key)
     assert not store.verify_key("acme", key + "x") and not store.verify_key("ghost", key)
@@ -132,7 +154,7 @@ def test_tenant_registry_keys_and_validation(tmp_path):
 
 
 def test_concurrent_puts_each_get_a_version(tmp_path):
-    store = PromptStore(tmp_path, FP, WIDTH)
+    store = PromptStore(tmp_path, FP, WIDTH, create=True)
     store.add_tenant("t1", ["x"])
     results = []
 
@@ -149,7 +171,7 @@ def test_concurrent_puts_each_get_a_version(tmp_path):
 
 
 def test_recover_removes_crash_leftovers_and_keeps_current(tmp_path):
-    store = PromptStore(tmp_path, FP, WIDTH)
+    store = PromptStore(tmp_path, FP, WIDTH, create=True)
     store.add_tenant("t1", ["x"])
     store.put(ctx(1), meta(), "t1")
     scope = tmp_path / "tenants" / "t1"

@@ -145,7 +145,8 @@ def make_client_app(cfg: TrainConfig | None = None) -> ClientApp:
                 if m.key in run.state.local:
                     data = prompt_artifact(run.state.local[m.key], "local", run.encoder, run.classes,
                                            theta=results[m.key]["theta"], tenant=f"client-{run.partition}"
-                                           if run.partition >= 0 else "client", producer=f"train:{m.key}")
+                                           if run.partition >= 0 else "client", producer=f"train:{m.key}",
+                                           trained_with=globals_.get(m.key))
                     atomic_write(run.out_dir / f"local-{m.key}.safetensors", data)
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from promptfolio.encoder import Encoder
-from prompts_store.artifact import PromptMeta, artifact_bytes
+from prompts_store.artifact import PromptMeta, artifact_bytes, content_sha256
 
 
 def prompt_artifact(ctx: torch.Tensor, kind: str, encoder: Encoder, classes: list[str], theta: float | None = None,
-                    tenant: str | None = None, producer: str = "train") -> bytes:
+                    tenant: str | None = None, producer: str = "train",
+                    trained_with: torch.Tensor | None = None) -> bytes:
+    """`trained_with`: for a local prompt, the global prompt it was trained with (recorded by hash)."""
     meta = PromptMeta(kind=kind, tenant=tenant if kind == "local" else None, encoder=encoder.fingerprint,
-                      n_ctx=ctx.shape[0], width=ctx.shape[1], classes=classes, theta=theta, producer=producer)
+                      n_ctx=ctx.shape[0], width=ctx.shape[1], classes=classes, theta=theta, producer=producer,
+                      global_sha256=None if trained_with is None else content_sha256(trained_with))
     return artifact_bytes(ctx, meta)
 
 

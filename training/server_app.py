@@ -175,7 +175,7 @@ def run_server(grid: Grid, cfg: TrainConfig) -> list[dict]:
             from prompts_store.artifact import read_artifact
 
             ctx, meta = read_artifact((cfg.out_dir / f"global-{publish}.safetensors").read_bytes())
-            stored = PromptStore(cfg.publish_store, encoder.fingerprint, encoder.text_width).put(ctx, meta)
+            stored = PromptStore(cfg.publish_store, encoder.fingerprint, encoder.text_width, create=True).put(ctx, meta)
             report(f"published the {publish} global prompt to {cfg.publish_store} as version {stored.version}")
     return strategy.history
 

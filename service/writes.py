@@ -1,0 +1,141 @@
+"""Every write that changes what a tenant serves, validated before it commits.
+
+Each write builds the state it would leave (a preview of the store's "serving" answer), computes
+and persists the class features that state needs, and only then moves the store's pointer. If
+anything fails, the write raises a 4xx error naming the problem and nothing was changed: the old
+state keeps serving. The engine's write lock makes each check-then-commit atomic inside the
+service (the service runs one worker; the store's file locks order writers across processes).
+
+A global publish or rollback checks every tenant that follows the current global (tenants
+pinned to the global their local prompt was trained with are not affected) and is refused, naming
+the tenants, if any of them could not be served with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from prompts_store.artifact import PromptMeta, read_artifact
+from prompts_store.errors import Unservable
+from prompts_store.pointers import TenantPointer
+from service.engine import Engine, TenantView
+
+MAX_NAMED = 5  # tenants named in a refused global publish
+
+
+@dataclass
+class WriteResult:
+    meta: PromptMeta | None = None
+    view: TenantView | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def register(engine: Engine, tenant: str, classes: list[str], theta: float | None) -> tuple[str, TenantView]:
+    with engine.write_lock:
+        record, key = engine.store.new_record(tenant, classes, theta)
+        engine.store.tenant_exists_check(tenant)
+        view = engine.view(tenant, serving=engine.store.serving(tenant, record=record, pointer=TenantPointer()))
+        engine.store.add_tenant(tenant, classes, theta, record=(record, key))
+    return key, view
+
+
+def update_tenant(engine: Engine, tenant: str, classes: list[str] | None, theta: float | None,
+                  clear_theta: bool) -> TenantView:
+    with engine.write_lock:
+        record = engine.store.updated_record(tenant, classes, theta, clear_theta)
+        engine.view(tenant, serving=engine.store.serving(tenant, record=record))
+        engine.store.write_record(record)
+        return engine.view(tenant)
+
+
+def upload_local(engine: Engine, tenant: str, data: bytes, allow_unpinned: bool = False) -> WriteResult:
+    ctx, meta = read_artifact(data, engine.encoder.fingerprint, engine.encoder.text_width,
+                              max_bytes=engine.cfg.max_upload_bytes)
+    result = WriteResult()
+    with engine.write_lock:
+        record = engine.store.tenant(tenant)
+        if meta.kind != "local":
+            raise Unservable("a global prompt cannot be uploaded as a tenant's local prompt (publish it with the "
+                             "admin key at /v1/global/prompt)")
+        pin = engine.store.resolve_pin(meta, allow_unpinned)
+        if meta.global_sha256 is None:
+            result.notes.append("the artifact records no global prompt: it is served unpinned, with whatever "
+                                "global prompt is current")
+        elif pin is None:
+            result.notes.append(f"the global prompt it was trained with (sha256 {meta.global_sha256[:16]}…) is not "
+                                f"in this store: accepted unpinned (allow_unpinned), served with the current global")
+        producer = "upload"
+        if meta.tenant != tenant:
+            producer = f"upload (artifact named tenant {meta.tenant!r})"
+            result.notes.append(f"the artifact names tenant {meta.tenant!r}; stored as {tenant!r}'s local prompt")
+        if meta.classes and meta.classes != record.classes:
+            result.notes.append(f"trained on {len(meta.classes)} classes that differ from the tenant's "
+                                f"{len(record.classes)}: a context is class-agnostic, so it is served with the "
+                                f"tenant's classes (the artifact's list is kept in its metadata)")
+        pointer = TenantPointer(local_sha256=meta.content_sha256, local_theta=meta.theta,
+                                trained_with_sha256=meta.global_sha256, global_version=pin,
+                                global_sha256=None if pin is None else engine.store.global_sha(pin))
+        engine.view(tenant, serving=engine.store.serving(tenant, record=record, pointer=pointer), local_ctx=ctx)
+        result.meta = engine.store.put(ctx, meta.model_copy(update={"producer": producer}), tenant, pin)
+        result.view = engine.view(tenant)
+    return result
+
+
+def rollback_local(engine: Engine, tenant: str, version: int | None) -> TenantView:
+    with engine.write_lock:
+        target = engine.store.rollback_target(tenant, version)
+        pointer = engine.store.rollback_pointer(tenant, target)
+        engine.view(tenant, serving=engine.store.serving(tenant, pointer=pointer))
+        engine.store.set_pointer(tenant, pointer)
+        return engine.view(tenant)
+
+
+def repin(engine: Engine, tenant: str, global_version: int | None) -> TenantView:
+    with engine.write_lock:
+        pointer = engine.store.repin_pointer(tenant, global_version)
+        engine.view(tenant, serving=engine.store.serving(tenant, pointer=pointer))
+        engine.store.set_pointer(tenant, pointer)
+        return engine.view(tenant)
+
+
+def _check_followers(engine: Engine, version: int, sha256: str, ctx) -> int:
+    """Compute the new global's features for every tenant that follows the current global."""
+    failures, checked = [], 0
+    for tenant in engine.store.tenants():
+        serving = engine.store.serving(tenant)
+        if serving.pinned:
+            continue
+        preview = replace(serving, global_version=version, global_sha256=sha256,
+                          trained_together=None if serving.local_sha256 is None else
+                          serving.trained_with_sha256 == sha256)
+        try:
+            engine.view(tenant, serving=preview, global_ctx=ctx)
+            checked += 1
+        except Unservable as e:
+            failures.append(f"{tenant}: {str(e).split(': ', 1)[-1]}")
+    if failures:
+        more = f" (and {len(failures) - MAX_NAMED} more)" if len(failures) > MAX_NAMED else ""
+        raise Unservable(f"this global prompt would break {len(failures)} tenant(s) that follow the current global, "
+                         f"so nothing was changed: {'; '.join(failures[:MAX_NAMED])}{more}")
+    return checked
+
+
+def publish_global(engine: Engine, data: bytes) -> WriteResult:
+    ctx, meta = read_artifact(data, engine.encoder.fingerprint, engine.encoder.text_width,
+                              max_bytes=engine.cfg.max_upload_bytes)
+    if meta.kind != "global":
+        raise Unservable("a local prompt cannot be published as the global prompt")
+    with engine.write_lock:
+        next_version = max(engine.store.versions(None), default=0) + 1
+        checked = _check_followers(engine, next_version, meta.content_sha256, ctx)
+        stored = engine.store.put(ctx, meta.model_copy(update={"producer": "upload"}), None)
+    return WriteResult(meta=stored, notes=[f"checked {checked} tenant(s) that follow the current global"])
+
+
+def rollback_global(engine: Engine, version: int | None) -> int:
+    with engine.write_lock:
+        target = engine.store.rollback_target(None, version)
+        stored = engine.store.load(None, target)
+        _check_followers(engine, target, stored.meta.content_sha256, stored.ctx)
+        engine.store.set_global(target)
+    return target
