@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store.artifact import ArtifactError
@@ -35,21 +35,29 @@ class APIError(Exception):
 
 
 class NewTenant(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
+
     id: str
     classes: list[str] = Field(min_length=1)
     theta: float | None = None
 
 
 class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
+
     classes: list[str] | None = None
     theta: float | None = None  # an explicit null returns θ to "auto" (the artifact's θ or the default)
 
 
 class Rollback(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
+
     version: int | None = None
 
 
 class Repin(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
+
     # the global version to serve the tenant's local prompt with; null: follow the current global
     global_version: int | None = Field(ge=0)
 
@@ -200,7 +208,8 @@ def create_app() -> FastAPI:
     @app.post("/tenants", status_code=201, dependencies=[Depends(require_admin)])
     def register_tenant(request: Request, body: NewTenant) -> dict:
         key, view = writes.register(engine_of(request), body.id, body.classes, body.theta)
-        return {"id": body.id, "api_key": key, "classes": view.classes, "theta": body.theta, **view.summary()}
+        return {"id": body.id, "api_key": key, "classes": view.classes, **view.summary(), "theta": body.theta,
+                "effective_theta": view.theta}
 
     @app.get("/tenants", dependencies=[Depends(require_admin)])
     def list_tenants(request: Request) -> dict:

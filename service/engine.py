@@ -131,9 +131,10 @@ class Engine:
                 t_local, hit_l = self.features(tenant, s.local_sha256, s.classes, (lambda: local_ctx)
                                                if local_ctx is not None else self._local_loader(s))
         except Unservable as e:
-            local = "none" if s.local_sha256 is None else (s.local_version or "new")
-            raise Unservable(f"cannot serve tenant {tenant!r} with global version {s.global_version} and local "
-                             f"version {local}: {e}") from None
+            local = ("no local prompt" if s.local_sha256 is None else f"local version {s.local_version}"
+                     if s.local_version is not None else "the uploaded local prompt")
+            raise Unservable(f"cannot serve tenant {tenant!r} with global version {s.global_version} and {local}: "
+                             f"{e}") from None
         if t_local is None:
             effective = 0.0  # nothing to mix yet: the global prompt alone
         else:  # request override, then the tenant's setting, then the θ its artifact carries

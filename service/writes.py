@@ -30,6 +30,14 @@ class WriteResult:
     notes: list[str] = field(default_factory=list)
 
 
+def check_room(engine: Engine, n_ctx: int) -> None:
+    """A context must leave room for at least one class-name token: [SOS] ctx <name> . [EOS]."""
+    limit = engine.encoder.context_length - 5
+    if n_ctx > limit:
+        raise Unservable(f"a context of {n_ctx} tokens leaves no room for class names in the encoder's "
+                         f"context length {engine.encoder.context_length} (at most {limit} context tokens)")
+
+
 def register(engine: Engine, tenant: str, classes: list[str], theta: float | None) -> tuple[str, TenantView]:
     with engine.write_lock:
         record, key = engine.store.new_record(tenant, classes, theta)
@@ -57,6 +65,7 @@ def upload_local(engine: Engine, tenant: str, data: bytes, allow_unpinned: bool 
         if meta.kind != "local":
             raise Unservable("a global prompt cannot be uploaded as a tenant's local prompt (publish it with the "
                              "admin key at /v1/global/prompt)")
+        check_room(engine, meta.n_ctx)
         pin = engine.store.resolve_pin(meta, allow_unpinned)
         if meta.global_sha256 is None:
             result.notes.append("the artifact records no global prompt: it is served unpinned, with whatever "
@@ -69,7 +78,7 @@ def upload_local(engine: Engine, tenant: str, data: bytes, allow_unpinned: bool 
             producer = f"upload (artifact named tenant {meta.tenant!r})"
             result.notes.append(f"the artifact names tenant {meta.tenant!r}; stored as {tenant!r}'s local prompt")
         if meta.classes and meta.classes != record.classes:
-            result.notes.append(f"trained on {len(meta.classes)} classes that differ from the tenant's "
+            result.notes.append(f"trained on {len(meta.classes)} class(es) that differ from the tenant's "
                                 f"{len(record.classes)}: a context is class-agnostic, so it is served with the "
                                 f"tenant's classes (the artifact's list is kept in its metadata)")
         pointer = TenantPointer(local_sha256=meta.content_sha256, local_theta=meta.theta,
@@ -125,6 +134,7 @@ def publish_global(engine: Engine, data: bytes) -> WriteResult:
                               max_bytes=engine.cfg.max_upload_bytes)
     if meta.kind != "global":
         raise Unservable("a local prompt cannot be published as the global prompt")
+    check_room(engine, meta.n_ctx)
     with engine.write_lock:
         next_version = max(engine.store.versions(None), default=0) + 1
         checked = _check_followers(engine, next_version, meta.content_sha256, ctx)
@@ -136,6 +146,7 @@ def rollback_global(engine: Engine, version: int | None) -> int:
     with engine.write_lock:
         target = engine.store.rollback_target(None, version)
         stored = engine.store.load(None, target)
+        check_room(engine, stored.meta.n_ctx)
         _check_followers(engine, target, stored.meta.content_sha256, stored.ctx)
         engine.store.set_global(target)
     return target

@@ -135,7 +135,7 @@ def test_every_write_that_cannot_be_served_changes_nothing(engine, embedded_enco
 
     # upload: a context too long for the tenant's classes; values that pass the finite check but overflow
     with pytest.raises(Unservable, match="too long"):
-        writes.upload_local(engine, "acme", local_bytes(enc, ctx_of(enc, 3, n_ctx=28)))
+        writes.upload_local(engine, "acme", local_bytes(enc, ctx_of(enc, 3, n_ctx=27)))
     with pytest.raises(Unservable, match="not finite"):
         writes.upload_local(engine, "acme", local_bytes(enc, torch.full((4, enc.text_width), scale)))
     _assert_same(engine, "acme", before)
@@ -153,7 +153,7 @@ def test_every_write_that_cannot_be_served_changes_nothing(engine, embedded_enco
     # global publish / rollback: refused when a tenant that follows the current global breaks
     writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 5)))
     before = _state(engine, "acme")
-    for bad in (ctx_of(enc, 6, n_ctx=28), torch.full((4, enc.text_width), scale)):
+    for bad in (ctx_of(enc, 6, n_ctx=27), torch.full((4, enc.text_width), scale)):
         with pytest.raises(Unservable, match="would break 1 tenant.*acme"):
             writes.publish_global(engine, global_bytes(enc, bad))
     assert engine.store.versions(None) == [1]
@@ -164,7 +164,9 @@ def test_every_write_that_cannot_be_served_changes_nothing(engine, embedded_enco
     g1 = engine.store.load(None, 1).ctx
     writes.upload_local(engine, "acme", local_bytes(enc, ctx_of(enc, 7), trained_with=g1))
     before = _state(engine, "acme")
-    long_global = writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 8, n_ctx=28))).meta.version
+    long_global = writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 8, n_ctx=27))).meta.version
+    with pytest.raises(Unservable, match="no room for class names"):
+        writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 9, n_ctx=28)))
     with pytest.raises(Unservable, match="too long"):
         writes.repin(engine, "acme", long_global)
     _assert_same(engine, "acme", before)

@@ -180,6 +180,8 @@ def test_bad_input_gets_clear_4xx(server, tenants, embedded_encoder):
     assert r.status_code == 400 and "invalid tenant id" in r.json()["error"]
     r = httpx.post(f"{server.url}/v1/tenants", json={"id": "x"}, headers=auth(ADMIN_KEY))
     assert r.status_code == 422
+    r = httpx.patch(f"{server.url}/v1/tenants/acme", json={"metadata": {"a": {"b": [1, {"c": 2}]}}}, headers=auth(acme))
+    assert r.status_code == 422 and "metadata" in r.json()["error"]  # a misspelt field is not a silent no-op
     # none of it changed the tenant or crashed the server
     assert httpx.get(f"{server.url}/v1/tenants/acme", headers=auth(acme)).status_code == 200
     assert "Traceback" not in server.log.read_text()
@@ -271,13 +273,13 @@ def test_pinned_pairs_and_writes_that_cannot_be_served(server, tenants, embedded
         assert r.status_code == 400 and "too long" in r.json()["error"], r.text
     info_before = httpx.get(f"{server.url}/v1/tenants/pinned", headers=auth(key)).json()
     served_before = classify(server, "pinned", key, imgs, top_k=6).content
-    for data in (local_artifact(enc, init_context(enc, n_ctx=28, generator=torch.Generator().manual_seed(1))),
+    for data in (local_artifact(enc, init_context(enc, n_ctx=27, generator=torch.Generator().manual_seed(1))),
                  local_artifact(enc, torch.full((4, enc.text_width), 1e20))):
         r = upload(server, "pinned", key, data)
         assert r.status_code == 400 and "cannot serve tenant 'pinned'" in r.json()["error"], r.text
     r = httpx.patch(f"{server.url}/v1/tenants/pinned", json={"classes": ACME + [long_name]}, headers=auth(key))
     assert r.status_code == 400 and "too long" in r.json()["error"]
-    r = publish(server, global_artifact(enc, init_context(enc, n_ctx=28, generator=torch.Generator().manual_seed(2))))
+    r = publish(server, global_artifact(enc, init_context(enc, n_ctx=27, generator=torch.Generator().manual_seed(2))))
     assert r.status_code == 400 and "would break" in r.json()["error"] and "follower" in r.json()["error"]
     assert httpx.get(f"{server.url}/v1/tenants/pinned", headers=auth(key)).json() == info_before
     assert classify(server, "pinned", key, imgs, top_k=6).content == served_before
