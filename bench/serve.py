@@ -163,7 +163,7 @@ def bench_model(label: str, args, base: Path) -> dict:
     print("a. raw encoder images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in out["a_raw"].items()), flush=True)
 
     store_dir = base / f"{label}-svc"
-    store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width)
+    store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width, create=True)
     keys = register(store, args.tenants, encoder, with_local=True)
     server = start_server(base, arch, pretrained, f"{label}-svc")
     try:
@@ -210,7 +210,7 @@ def bench_model(label: str, args, base: Path) -> dict:
     out["d_scale"] = {}
     for n in args.scale:
         store_dir = base / f"{label}-scale{n}"
-        store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width)
+        store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width, create=True)
         keys = register(store, n, encoder, with_local=False)
         cold_unique = "cold-unique"
         cold_key = store.add_tenant(cold_unique, [f"{c} (variant)" for c in CLASS_NAMES])

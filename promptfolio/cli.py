@@ -15,7 +15,12 @@ SUBCOMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# commands whose module is known: `promptfolio serve ...` builds only that part of the parser, so a
+# (re)start does not import the training stack (torch, open_clip) just to parse its arguments
+COMMAND_MODULES = {"serve": "service.commands", "tenant": "service.commands", "upload": "service.commands"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -23,13 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated, personalized zero-shot image classification on a frozen CLIP (PromptFolio).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    for name in [COMMAND_MODULES[command]] if command in COMMAND_MODULES else SUBCOMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] not in ("-h", "--help") else None)
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:

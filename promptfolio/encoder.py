@@ -12,14 +12,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import open_clip
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from promptfolio import embedded
+
+if TYPE_CHECKING:  # open_clip costs seconds to import: only the functions that build a model load it
+    import open_clip
 
 EMBEDDED = "embedded"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -57,10 +59,14 @@ class Encoder:
 
     @property
     def image_mean(self) -> tuple[float, ...]:
+        import open_clip
+
         return tuple(getattr(self.model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
 
     @property
     def image_std(self) -> tuple[float, ...]:
+        import open_clip
+
         return tuple(getattr(self.model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
 
     @property
@@ -80,6 +86,8 @@ logging.getLogger().addFilter(_QuietRandomInit())
 
 
 def register_embedded_config() -> None:
+    import open_clip
+
     if embedded.MODEL_NAME not in open_clip.list_models():
         open_clip.add_model_config(str(embedded.CONFIG_PATH))
 
@@ -133,6 +141,7 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
 
 def check_text_tower(model: torch.nn.Module, arch: str) -> None:
     """Prompted encoding needs open_clip's standard text transformer with EOS-token (argmax) pooling."""
+    import open_clip
     needed = ["token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask"]
     if not isinstance(model, open_clip.CLIP) or any(getattr(model, n, None) is None for n in needed):
         raise EncoderError(
@@ -170,6 +179,8 @@ def load_encoder(arch: str = EMBEDDED, pretrained: str | os.PathLike | None = EM
     pretrained: an open_clip tag (downloads where a network exists), a local checkpoint path
         (.pt/.pth/.bin/.safetensors state dict), "embedded", or None for random init (speed tests).
     """
+    import open_clip
+
     register_embedded_config()
     if arch == EMBEDDED:
         arch = embedded.MODEL_NAME

@@ -35,9 +35,10 @@ from pydantic import ValidationError
 from prompts_store.artifact import (
     MAX_ARTIFACT_BYTES, ArtifactError, PromptMeta, artifact_bytes, content_sha256, read_artifact,
 )
-from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant
+from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant  # noqa: F401 - re-exported
 from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries
 from prompts_store.keys import hash_key, key_matches, key_tenant, new_key
+from prompts_store.layout import open_root
 from prompts_store.pointers import GlobalPointer, Serving, TenantPointer
 from prompts_store.registry import TenantRecord, validate_classes, validate_tenant_id
 from promptfolio.portfolio import check_theta
@@ -63,16 +64,10 @@ class PromptStore:
 
     def __init__(self, root: str | os.PathLike, encoder_fingerprint: str | None = None, width: int | None = None,
                  create: bool = False, builtin_global_sha256: str | None = None):
-        self.root = Path(root)
+        self.root = open_root(root, create)
         self.fingerprint = encoder_fingerprint
         self.width = width
         self.builtin_global_sha256 = builtin_global_sha256  # version 0: the service's zero-shot prompt
-        if create:
-            (self.root / "global").mkdir(parents=True, exist_ok=True)
-            (self.root / "tenants").mkdir(parents=True, exist_ok=True)
-        elif not ((self.root / "global").is_dir() and (self.root / "tenants").is_dir()):
-            raise NoStore(f"no prompts store at {self.root} (create one with `promptfolio serve --init` "
-                          f"or `promptfolio tenant add`)")
 
     # ---- layout --------------------------------------------------------------------------
     def _scope(self, tenant: str | None) -> Path:

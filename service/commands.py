@@ -11,9 +11,9 @@ DEFAULT_STORE = os.environ.get("PROMPTFOLIO_STORE", ".cache/store")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from prompts_store.store import PromptStore
+    from prompts_store.layout import open_root
 
-    PromptStore(args.store, create=args.init)  # a missing store is an error (exit 2) unless --init
+    open_root(args.store, create=args.init)  # a missing store is an error (exit 2) unless --init
     env = dict(os.environ)
     env.update({"PROMPTFOLIO_STORE": str(Path(args.store).resolve()), "PROMPTFOLIO_ARCH": args.arch,
                 "PROMPTFOLIO_PRETRAINED": args.pretrained, "BENTOML_DO_NOT_TRACK": "true"})

@@ -2,6 +2,11 @@
 
 Run with `promptfolio serve`, or `bentoml serve service.service:PromptFolio --host 127.0.0.1`.
 Configuration comes from PROMPTFOLIO_* environment variables (service/config.py).
+
+Startup: BentoML imports this module twice, in the supervisor (only to read the service's
+definition) and in each worker. Nothing heavy is imported at module level, so the supervisor never
+pays for torch, open_clip or the API; the worker builds the REST app and the engine in
+`__init__`, before BentoML reports it ready.
 """
 
 from __future__ import annotations
@@ -10,21 +15,41 @@ import logging
 
 import bentoml
 
-from service.api import create_app
-from service.config import ServiceConfig
-from service.engine import Engine
-
-app = create_app()
 log = logging.getLogger("promptfolio.service")
+
+
+class LazyASGIApp:
+    """The REST app, mounted at import time but built by the worker that serves it."""
+
+    def __init__(self) -> None:
+        self.app = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.app is None:  # only reachable before the worker finished starting
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+                await send({"type": "http.response.body", "body": b'{"error": "the service is starting"}'})
+            return
+        await self.app(scope, receive, send)
+
+
+app = LazyASGIApp()
 
 
 @bentoml.service(name="promptfolio", workers=1, traffic={"timeout": 120})
 @bentoml.asgi_app(app, path="/v1")
 class PromptFolio:
     def __init__(self) -> None:
+        from service.api import create_app
+        from service.config import ServiceConfig
+        from service.engine import Engine
+
         cfg = ServiceConfig.from_env()
         self.engine = Engine(cfg)
-        app.state.engine = self.engine
+        api = create_app()
+        api.state.engine = self.engine
+        app.app = api
         enc = self.engine.encoder
         log.warning("promptfolio ready: %s (%s) on %s, image backend %s with providers %s, fingerprint %s, "
                     "store %s, %d temporary files recovered", enc.arch, enc.source, enc.device,
