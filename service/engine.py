@@ -62,7 +62,9 @@ class Engine:
         self.load_seconds = time.perf_counter() - start
         self.zero_shot_ctx = init_context(self.encoder, phrase=ZERO_SHOT_PHRASE)
         self.zero_shot_sha256 = content_sha256(self.zero_shot_ctx)
-        self.store = PromptStore(cfg.store, self.encoder.fingerprint, self.encoder.text_width,
+        # the service creates its store when the folder holds none (a container's first start on an empty
+        # volume); `promptfolio serve` refuses a missing store unless --init, where a typo is likelier
+        self.store = PromptStore(cfg.store, self.encoder.fingerprint, self.encoder.text_width, create=True,
                                  builtin_global_sha256=self.zero_shot_sha256)
         self.recovered_tmp_files = self.store.recover()
         self.cache = FeatureCache(int(cfg.cache_mb * (1 << 20)))

@@ -93,7 +93,7 @@ def test_cold_tenant_loads_persisted_features_instead_of_encoding(embedded_encod
     first = Engine(cfg, embedded_encoder)
     first.store.add_tenant("cold", ["red circle", "blue star", "green cross"])
     warm = first.view("cold")
-    assert not warm.cache_hit and list((tmp_path / "store" / "features").glob("*.safetensors"))
+    assert not warm.cache_hit and list((tmp_path / "store").glob("**/features/*.safetensors"))
 
     import service.engine as engine_module
 
@@ -105,7 +105,7 @@ def test_cold_tenant_loads_persisted_features_instead_of_encoding(embedded_encod
     view = restarted.view("cold")
     assert torch.equal(view.t_global, warm.t_global)
     # a damaged file is ignored and recomputed, never served
-    for path in (tmp_path / "store" / "features").glob("*.safetensors"):
+    for path in (tmp_path / "store").glob("**/features/*.safetensors"):
         path.write_bytes(b"garbage")
     monkeypatch.undo()
     again = Engine(cfg, embedded_encoder).view("cold")
