@@ -26,6 +26,7 @@ class TenantPointer(BaseModel):
     local_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     local_theta: float | None = None  # the θ the local artifact carries (its training θ)
     trained_with_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)  # from the artifact
+    trained_with_version: int | None = Field(default=None, ge=0)  # its store version, when the store holds it
     global_version: int | None = Field(default=None, ge=0)  # 0: the built-in zero-shot prompt
     global_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     repinned: bool = False  # an explicit re-pin chose this global, not training
@@ -50,3 +51,4 @@ class Serving:
     pinned: bool
     trained_together: bool | None  # None: no local prompt; False: re-pinned, or unpinned and since changed
     trained_with_sha256: str | None
+    trained_with_version: int | None

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
+from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
 from prompts_store.artifact import TENANT_PATTERN
-from prompts_store.errors import StoreError
+from prompts_store.errors import StoreError, UnknownTenant
+from prompts_store.files import atomic_write, locked
+from prompts_store.keys import hash_key, key_matches, new_key
 from promptfolio.portfolio import check_theta
 
 MAX_CLASSES = 1000
@@ -48,3 +52,92 @@ class TenantRecord(BaseModel):
     @classmethod
     def _theta(cls, v: float | None) -> float | None:
         return None if v is None else check_theta(v)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class TenantRegistry:
+    """Tenant records (`tenants/<id>/tenant.json`): the store's half that knows no prompts."""
+
+    root: Path
+
+    def _scope(self, tenant: str | None) -> Path:
+        raise NotImplementedError
+
+    def _require_tenant(self, tenant: str) -> Path:
+        scope = self._scope(tenant)
+        if not (scope / "tenant.json").is_file():
+            raise UnknownTenant(f"unknown tenant {tenant!r}")
+        return scope
+
+    def new_record(self, tenant: str, classes: list[str], theta: float | None = None) -> tuple[TenantRecord, str]:
+        """A validated record for a new tenant and its API key (nothing written yet)."""
+        validate_tenant_id(tenant)
+        key = new_key(tenant)
+        record = TenantRecord(id=tenant, classes=validate_classes(classes),
+                              theta=None if theta is None else check_theta(theta), key_sha256=hash_key(key),
+                              created_at=_now())
+        return record, key
+
+    def tenant_exists_check(self, tenant: str) -> None:
+        if (self._scope(tenant) / "tenant.json").exists():
+            raise StoreError(f"tenant {tenant!r} already exists")
+
+    def add_tenant(self, tenant: str, classes: list[str], theta: float | None = None,
+                   record: tuple[TenantRecord, str] | None = None) -> str:
+        """Register a tenant; returns its API key (shown once, stored only as a hash)."""
+        record, key = record or self.new_record(tenant, classes, theta)
+        scope = self._scope(tenant)
+        with locked(scope):
+            if (scope / "tenant.json").exists():
+                raise StoreError(f"tenant {tenant!r} already exists")
+            atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
+        return key
+
+    def tenant(self, tenant: str) -> TenantRecord:
+        scope = self._require_tenant(tenant)
+        return TenantRecord.model_validate_json((scope / "tenant.json").read_bytes())
+
+    def updated_record(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
+                       clear_theta: bool = False) -> TenantRecord:
+        """The tenant's record with the changes applied (nothing written yet)."""
+        update: dict[str, object] = {}
+        if classes is not None:
+            update["classes"] = validate_classes(classes)
+        if theta is not None:
+            update["theta"] = check_theta(theta)
+        if clear_theta:
+            update["theta"] = None
+        return self.tenant(tenant).model_copy(update=update)
+
+    def write_record(self, record: TenantRecord) -> TenantRecord:
+        scope = self._require_tenant(record.id)
+        with locked(scope):
+            atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
+        return record
+
+    def update_tenant(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
+                      clear_theta: bool = False) -> TenantRecord:
+        return self.write_record(self.updated_record(tenant, classes, theta, clear_theta))
+
+    def rotate_key(self, tenant: str) -> str:
+        scope = self._require_tenant(tenant)
+        key = new_key(tenant)
+        with locked(scope):
+            record = self.tenant(tenant).model_copy(update={"key_sha256": hash_key(key)})
+            atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
+        return key
+
+    def tenants(self) -> list[str]:
+        base = self.root / "tenants"
+        return sorted(p.name for p in base.iterdir() if (p / "tenant.json").is_file())
+
+    def verify_key(self, tenant: str, key: str) -> bool:
+        try:
+            record = self.tenant(tenant)
+        except StoreError:
+            return False
+        return key_matches(record.key_sha256, key)
+

@@ -26,7 +26,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -36,12 +35,11 @@ from prompts_store.artifact import (
     MAX_ARTIFACT_BYTES, ArtifactError, PromptMeta, artifact_bytes, content_sha256, read_artifact,
 )
 from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant  # noqa: F401 - re-exported
-from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries
-from prompts_store.keys import hash_key, key_matches, key_tenant, new_key
+from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries  # noqa: F401
+from prompts_store.keys import hash_key, key_tenant  # noqa: F401 - re-exported
 from prompts_store.layout import open_root
 from prompts_store.pointers import GlobalPointer, Serving, TenantPointer
-from prompts_store.registry import TenantRecord, validate_classes, validate_tenant_id
-from promptfolio.portfolio import check_theta
+from prompts_store.registry import TenantRecord, TenantRegistry, validate_tenant_id
 
 __all__ = ["PromptStore", "StoredPrompt", "StoreError", "UnknownTenant", "UnknownGlobal", "NoStore",
            "atomic_write", "fsync_dir", "hash_key", "key_tenant", "TenantRecord", "Serving", "TenantPointer"]
@@ -55,11 +53,7 @@ class StoredPrompt:
     meta: PromptMeta
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class PromptStore:
+class PromptStore(TenantRegistry):
     """Open a store at `root`. A missing store is an error unless `create=True`."""
 
     def __init__(self, root: str | os.PathLike, encoder_fingerprint: str | None = None, width: int | None = None,
@@ -74,12 +68,6 @@ class PromptStore:
         if tenant is None:
             return self.root / "global"
         return self.root / "tenants" / validate_tenant_id(tenant)
-
-    def _require_tenant(self, tenant: str) -> Path:
-        scope = self._scope(tenant)
-        if not (scope / "tenant.json").is_file():
-            raise UnknownTenant(f"unknown tenant {tenant!r}")
-        return scope
 
     def _version_path(self, scope: Path, version: int) -> Path:
         return scope / f"v{version:06d}.safetensors"
@@ -186,15 +174,17 @@ class PromptStore:
                 f"serve it with the current global prompt (unpinned)")
         return version
 
-    def _pointer_for(self, tenant: str, version: int, global_version: int | None = None,
-                     resolve: bool = True) -> TenantPointer:
-        """The pointer serving local `version` with the global it was trained with."""
+    def _pointer_for(self, tenant: str, version: int) -> TenantPointer:
+        """The pointer serving local `version` with the global it was trained with (unpinned if the
+        artifact records none, or one the store no longer holds)."""
         meta = self.meta(tenant, version)
-        if resolve and global_version is None and meta.global_sha256 is not None:
-            global_version = self.find_global(meta.global_sha256, meta.global_version)
+        trained_with = None
+        if meta.global_sha256 is not None:
+            trained_with = self.find_global(meta.global_sha256, meta.global_version)
         return TenantPointer(local=version, local_sha256=meta.content_sha256, local_theta=meta.theta,
-                             trained_with_sha256=meta.global_sha256, global_version=global_version,
-                             global_sha256=None if global_version is None else self.global_sha(global_version))
+                             trained_with_sha256=meta.global_sha256, trained_with_version=trained_with,
+                             global_version=trained_with,
+                             global_sha256=None if trained_with is None else self.global_sha(trained_with))
 
     def put(self, ctx: torch.Tensor, meta: PromptMeta, tenant: str | None = None,
             pin: int | None | str = "resolve") -> PromptMeta:
@@ -222,7 +212,7 @@ class PromptStore:
             else:
                 pointer = TenantPointer(local=version, local_sha256=sha, local_theta=meta.theta,
                                         trained_with_sha256=meta.global_sha256, global_version=pin,
-                                        global_sha256=global_sha)
+                                        trained_with_version=pin, global_sha256=global_sha)
             atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
         return stored
 
@@ -342,77 +332,8 @@ class PromptStore:
         return Serving(tenant=tenant, classes=record.classes, theta_setting=record.theta, local_version=pointer.local,
                        local_sha256=pointer.local_sha256, local_theta=pointer.local_theta, global_version=g_version,
                        global_sha256=g_sha, pinned=pointer.pinned, trained_together=trained,
-                       trained_with_sha256=pointer.trained_with_sha256)
-
-    # ---- tenant registry ----------------------------------------------------------------
-    def new_record(self, tenant: str, classes: list[str], theta: float | None = None) -> tuple[TenantRecord, str]:
-        """A validated record for a new tenant and its API key (nothing written yet)."""
-        validate_tenant_id(tenant)
-        key = new_key(tenant)
-        record = TenantRecord(id=tenant, classes=validate_classes(classes),
-                              theta=None if theta is None else check_theta(theta), key_sha256=hash_key(key),
-                              created_at=_now())
-        return record, key
-
-    def tenant_exists_check(self, tenant: str) -> None:
-        if (self._scope(tenant) / "tenant.json").exists():
-            raise StoreError(f"tenant {tenant!r} already exists")
-
-    def add_tenant(self, tenant: str, classes: list[str], theta: float | None = None,
-                   record: tuple[TenantRecord, str] | None = None) -> str:
-        """Register a tenant; returns its API key (shown once, stored only as a hash)."""
-        record, key = record or self.new_record(tenant, classes, theta)
-        scope = self._scope(tenant)
-        with locked(scope):
-            if (scope / "tenant.json").exists():
-                raise StoreError(f"tenant {tenant!r} already exists")
-            atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
-        return key
-
-    def tenant(self, tenant: str) -> TenantRecord:
-        scope = self._require_tenant(tenant)
-        return TenantRecord.model_validate_json((scope / "tenant.json").read_bytes())
-
-    def updated_record(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
-                       clear_theta: bool = False) -> TenantRecord:
-        """The tenant's record with the changes applied (nothing written yet)."""
-        update: dict[str, object] = {}
-        if classes is not None:
-            update["classes"] = validate_classes(classes)
-        if theta is not None:
-            update["theta"] = check_theta(theta)
-        if clear_theta:
-            update["theta"] = None
-        return self.tenant(tenant).model_copy(update=update)
-
-    def write_record(self, record: TenantRecord) -> TenantRecord:
-        scope = self._require_tenant(record.id)
-        with locked(scope):
-            atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
-        return record
-
-    def update_tenant(self, tenant: str, classes: list[str] | None = None, theta: float | None = None,
-                      clear_theta: bool = False) -> TenantRecord:
-        return self.write_record(self.updated_record(tenant, classes, theta, clear_theta))
-
-    def rotate_key(self, tenant: str) -> str:
-        scope = self._require_tenant(tenant)
-        key = new_key(tenant)
-        with locked(scope):
-            record = self.tenant(tenant).model_copy(update={"key_sha256": hash_key(key)})
-            atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
-        return key
-
-    def tenants(self) -> list[str]:
-        base = self.root / "tenants"
-        return sorted(p.name for p in base.iterdir() if (p / "tenant.json").is_file())
-
-    def verify_key(self, tenant: str, key: str) -> bool:
-        try:
-            record = self.tenant(tenant)
-        except StoreError:
-            return False
-        return key_matches(record.key_sha256, key)
+                       trained_with_sha256=pointer.trained_with_sha256,
+                       trained_with_version=pointer.trained_with_version)
 
 
 def _file_sha(path: Path) -> str | None:

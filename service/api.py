@@ -28,6 +28,12 @@ from service import writes
 from service.engine import Engine, TenantView
 
 
+THETA_OVERRIDE = ("Per-request θ in [0, 1] (default: the tenant's setting, else the θ its local artifact was "
+                  "trained at). Mixing happens on features, so any θ is served exactly, but a local prompt is "
+                  "trained together with its global at its training θ: only there is the answer the classifier "
+                  "that was trained; θ=1 is 'local only' only for a prompt trained at θ=1.")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -115,11 +121,10 @@ def tenant_info(engine: Engine, tenant: str, view: TenantView | None = None) -> 
     record = engine.store.tenant(tenant)
     view = view or engine.view(tenant)
     s = view.serving
-    trained_with = None if s.trained_with_sha256 is None else engine.store.find_global(s.trained_with_sha256)
     return {"id": tenant, "classes": record.classes, "theta": record.theta, "effective_theta": view.theta,
             "global_version": view.global_version, "local_version": view.local_version, "pinned": s.pinned,
             "trained_together": s.trained_together, "trained_with_global_sha256": s.trained_with_sha256,
-            "trained_with_global_version": trained_with, "local_theta": s.local_theta,
+            "trained_with_global_version": s.trained_with_version, "local_theta": s.local_theta,
             "local_versions": engine.store.versions(tenant), "created_at": record.created_at}
 
 
@@ -269,7 +274,8 @@ def create_app() -> FastAPI:
 
     @app.post("/tenants/{tenant}/classify")
     async def classify(request: Request, tenant: str, images: list[UploadFile] = File(...),
-                       top_k: int = Form(5, ge=1, le=1000), theta: float | None = Form(None)) -> dict:
+                       top_k: int = Form(5, ge=1, le=1000),
+                       theta: float | None = Form(None, description=THETA_OVERRIDE)) -> dict:
         nonlocal decode_pool
         require_tenant(request, tenant)
         engine = engine_of(request)

@@ -82,7 +82,7 @@ def upload_local(engine: Engine, tenant: str, data: bytes, allow_unpinned: bool 
                                 f"{len(record.classes)}: a context is class-agnostic, so it is served with the "
                                 f"tenant's classes (the artifact's list is kept in its metadata)")
         pointer = TenantPointer(local_sha256=meta.content_sha256, local_theta=meta.theta,
-                                trained_with_sha256=meta.global_sha256, global_version=pin,
+                                trained_with_sha256=meta.global_sha256, trained_with_version=pin, global_version=pin,
                                 global_sha256=None if pin is None else engine.store.global_sha(pin))
         engine.view(tenant, serving=engine.store.serving(tenant, record=record, pointer=pointer), local_ctx=ctx)
         result.meta = engine.store.put(ctx, meta.model_copy(update={"producer": producer}), tenant, pin)

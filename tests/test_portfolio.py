@@ -63,7 +63,8 @@ def test_pinned_tenant_is_unchanged_by_global_publish_and_rollback(engine, embed
     up = writes.upload_local(engine, "pinned", local_bytes(enc, ctx_of(enc, 10), trained_with=g1))
     assert up.meta.global_version == 1 and up.meta.global_sha256 == content_sha256(g1)
     s = engine.store.serving("pinned")
-    assert (s.pinned, s.global_version, s.local_version, s.trained_together, s.local_theta) == (True, 1, 1, True, 0.5)
+    assert (s.pinned, s.global_version, s.local_version, s.trained_together, s.local_theta, s.trained_with_version) \
+        == (True, 1, 1, True, 0.5, 1)
     pinned_before, follower_before = mixed(engine, "pinned"), mixed(engine, "follower")
 
     assert writes.publish_global(engine, global_bytes(enc, g2)).meta.version == 2
@@ -78,8 +79,13 @@ def test_pinned_tenant_is_unchanged_by_global_publish_and_rollback(engine, embed
     # pruning never removes the pinned global
     for seed in range(3, 7):
         writes.publish_global(engine, global_bytes(enc, ctx_of(enc, seed)))
+    features = engine.store.root / "global" / "features"
+    g2_sha = content_sha256(g2)[:32]
+    assert list(features.glob(f"{g2_sha}-*"))
     assert 1 not in engine.store.prune(None, keep=1) and 1 in engine.store.versions(None)
     assert engine.store.versions(None) == [1, 6]
+    assert not list(features.glob(f"{g2_sha}-*"))  # a pruned version's features go with it
+    assert list(features.glob(f"{content_sha256(g1)[:32]}-*"))
 
     # an explicit re-pin says the pair was not trained together; pinning back restores it exactly
     view = writes.repin(engine, "pinned", 6)
