@@ -181,6 +181,11 @@ def test_every_write_that_cannot_be_served_changes_nothing(engine, embedded_enco
     with pytest.raises(Unservable, match="follower"):
         writes.rollback_global(engine, long_global)
     assert engine.store.current_version(None) == 1
+    # a tenant that is unservable already (the CLI registers without an encoder) does not block a publish
+    engine.store.add_tenant("cli-added", ["x", LONG_NAME])
+    with pytest.raises(Unservable, match="cli-added"):
+        engine.view("cli-added")
+    assert writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 10))).meta.version == long_global + 1
 
 
 def test_legacy_store_pointers_still_serve(engine, embedded_encoder):

@@ -71,8 +71,12 @@ def test_local_prompts_stay_private_differ_and_artifacts_validate(run_dir, embed
             assert meta.theta == (0.4 if key != "local" else 1.0)
             locals_[(p, key)] = ctx
         # the local prompt is not the global one
-        g, _ = read_artifact((run_dir / "global-promptfolio-0.4.safetensors").read_bytes(), embedded_encoder.fingerprint)
+        g, g_meta = read_artifact((run_dir / "global-promptfolio-0.4.safetensors").read_bytes(),
+                                  embedded_encoder.fingerprint)
         assert not torch.allclose(locals_[(p, "promptfolio-0.4")], g)
+        # each local prompt records the final global it was trained with, so the service can pin the pair
+        _, l_meta = read_artifact((run_dir / "clients" / f"client-{p}" / "local-promptfolio-0.4.safetensors").read_bytes())
+        assert l_meta.global_sha256 == g_meta.content_sha256
     assert not torch.equal(locals_[(0, "local")], locals_[(1, "local")])
     assert not torch.equal(locals_[(0, "promptfolio-0.4")], locals_[(2, "promptfolio-0.4")])
     replies = load_file(str(run_dir / "audit" / "round-002-replies.safetensors"))
