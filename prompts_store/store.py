@@ -301,7 +301,7 @@ class PromptStore(TenantRegistry):
     def prune(self, tenant: str | None = None, keep: int = 5) -> list[int]:
         """Delete all but the newest `keep` versions, and their persisted features; the current
         version and, for the global prompt, every version a tenant is pinned to are always kept."""
-        scope = self._scope(tenant)
+        scope = self._scope(tenant) if tenant is None else self._require_tenant(tenant)
         protected = self.pinned_globals() if tenant is None else set()
         with locked(scope):
             existing = self.versions(tenant)

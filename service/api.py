@@ -22,9 +22,8 @@ from prompts_store.artifact import ArtifactError
 from prompts_store.errors import StoreError, UnknownGlobal, UnknownTenant
 from prompts_store.keys import hash_key, key_tenant
 from service import images as image_io
-from service import metrics
+from service import metrics, writes
 from service.batcher import Overloaded
-from service import writes
 from service.engine import Engine, TenantView
 
 
