@@ -340,41 +340,47 @@ async def _soak(server: Server, keys: dict[str, str], images: list[bytes], rate:
                 encoder, upload_every_s: float) -> list[dict]:
     tenants = list(keys)
     rows: list[dict] = []
-    minute: dict = {"statuses": {}, "latencies": []}
+    current = {"statuses": {}, "latencies": []}  # the minute in progress: answers count where they arrive
     tasks: set[asyncio.Task] = set()
     start = time.perf_counter()
     next_minute, next_upload, i = start + 60, start + upload_every_s, 0
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client:
-        async def one(t: str, image: bytes, bucket: dict) -> None:
-            status, latency = await _classify(client, server.url, t, keys[t], image)
-            bucket["statuses"][status] = bucket["statuses"].get(status, 0) + 1
-            if status == 200:
-                bucket["latencies"].append(latency)
 
-        async def up(t: str, seed: int, bucket: dict) -> None:
-            r = await client.post(f"{server.url}/v1/tenants/{t}/prompt", headers=auth(keys[t]),
-                                  files={"file": ("p.safetensors", local_artifact(encoder, seed),
-                                                  "application/octet-stream")})
-            key = f"upload {r.status_code}"
-            bucket["statuses"][key] = bucket["statuses"].get(key, 0) + 1
+    def record(status: int | str, latency: float | None = None) -> None:
+        current["statuses"][status] = current["statuses"].get(status, 0) + 1
+        if latency is not None:
+            current["latencies"].append(latency)
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client:
+        async def one(t: str, image: bytes) -> None:
+            status, latency = await _classify(client, server.url, t, keys[t], image)
+            record(status, latency if status == 200 else None)
+
+        async def up(t: str, seed: int) -> None:
+            try:
+                r = await client.post(f"{server.url}/v1/tenants/{t}/prompt", headers=auth(keys[t]),
+                                      files={"file": ("p.safetensors", local_artifact(encoder, seed),
+                                                      "application/octet-stream")})
+                record(f"upload {r.status_code}")
+            except httpx.HTTPError:
+                record("upload failed")
 
         while time.perf_counter() - start < minutes * 60:
             now = time.perf_counter()
             if now >= next_minute:
-                rows.append(_minute_row(len(rows) + 1, minute, server))
+                rows.append(_minute_row(len(rows) + 1, current, server))
                 print(table([rows[-1]]).splitlines()[-1], flush=True)
-                minute, next_minute = {"statuses": {}, "latencies": []}, next_minute + 60
+                current = {"statuses": {}, "latencies": []}
+                next_minute += 60
             if now >= next_upload:
-                tasks.add(asyncio.create_task(up(tenants[i % len(tenants)], 5000 + i, minute)))
+                tasks.add(asyncio.create_task(up(tenants[i % len(tenants)], 5000 + i)))
                 next_upload += upload_every_s
-            t = tenants[i % len(tenants)]
-            tasks.add(asyncio.create_task(one(t, images[i % len(images)], minute)))
+            tasks.add(asyncio.create_task(one(tenants[i % len(tenants)], images[i % len(images)])))
             tasks = {task for task in tasks if not task.done()}
             i += 1
             await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         await asyncio.gather(*tasks)
-        if minute["latencies"] or minute["statuses"]:
-            rows.append(_minute_row(len(rows) + 1, minute, server))
+    if current["statuses"]:
+        rows.append(_minute_row(len(rows) + 1, current, server))  # the last minute
     return rows
 
 
@@ -383,7 +389,8 @@ def _minute_row(n: int, minute: dict, server: Server) -> dict:
     statuses = minute["statuses"]
     return {"minute": n, "requests": sum(v for k, v in statuses.items() if isinstance(k, int)),
             "5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
-            "other errors": {k: v for k, v in statuses.items() if k != 200 and not (isinstance(k, int) and k >= 500)},
+            "other answers": {k: v for k, v in statuses.items() if k != 200 and not (isinstance(k, int) and k >= 500)}
+            or "-",
             "p50 ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else "-",
             "p99 ms": round(float(np.percentile(lat, 99)) * 1000, 1) if lat else "-",
             "RSS MiB": round(server.rss_mib(), 1)}
