@@ -10,12 +10,16 @@ import logging
 
 import bentoml
 
+from service import connections
 from service.api import create_app
 from service.config import ServiceConfig
 from service.engine import Engine
 
 app = create_app()
 log = logging.getLogger("promptfolio.service")
+# header/body read timeouts and a connection cap (uvicorn has none); the worker imports this module
+# before it builds its uvicorn server, so the guarded protocol is the one that server uses
+connections.install()
 
 
 @bentoml.service(name="promptfolio", workers=1, traffic={"timeout": 120})
@@ -24,6 +28,7 @@ class PromptFolio:
     def __init__(self) -> None:
         cfg = ServiceConfig.from_env()
         self.engine = Engine(cfg)
+        connections.configure(cfg)
         app.state.engine = self.engine
         enc = self.engine.encoder
         log.warning("promptfolio ready: %s (%s) on %s, image backend %s with providers %s, fingerprint %s, "
@@ -34,3 +39,4 @@ class PromptFolio:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.engine.batcher.close()
+        self.engine.decode_pool.close()
