@@ -133,7 +133,11 @@ def create_app() -> FastAPI:
                 "cache": {"entries": len(engine.cache), "bytes": engine.cache.bytes,
                           "hits": engine.cache.hits, "misses": engine.cache.misses},
                 "batching": {"batches": engine.batcher.batches, "images": engine.batcher.images,
-                             "max_batch": engine.cfg.max_batch}}
+                             "max_batch": engine.cfg.max_batch},
+                "admission": {"in_flight": engine.admission.in_flight, "shed": engine.admission.shed,
+                              "expected_wait_s": round(engine.admission.expected_wait_s(), 3),
+                              "deadline_s": engine.admission.deadline_s,
+                              "mean_wait_before_app_s": round(engine.admission.waited_s, 3)}}
 
     # ---- admin ------------------------------------------------------------------------------
     @app.post("/tenants", status_code=201, dependencies=[Depends(require_admin)])

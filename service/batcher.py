@@ -8,14 +8,16 @@ for at most the images already in progress, not for the whole request. Heavy dec
 pixels) may occupy all decode workers but one, so a light image always finds a worker.
 
 Admission: a classify request is shed with `Overloaded` (503 + Retry-After) when its expected
-queue wait exceeds the deadline. The wait is estimated like Little's law, from what is in flight
-and the measured time between completions while busy, so it covers every stage (HTTP parsing,
-decode, encode) without modelling each; the encoder queue also refuses work beyond a count.
+queue wait exceeds the deadline: the wait it has already had before the app (measured by the
+server) plus, like Little's law, what is in flight ahead of it × the measured time between
+completions, so it covers every stage (HTTP parsing, decode, encode) without modelling each; the
+encoder queue also refuses work beyond a count or its own expected wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -144,35 +146,47 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 
 class AdmissionGate:
-    """Sheds requests whose expected wait (in flight × time between completions while busy) is too long."""
+    """Sheds a request when the wait it has had plus the time it will spend in the app exceeds the deadline.
+
+    Under overload most of the queue is in the kernel (accept queue, unread sockets), before any
+    Python code sees a request; the server measures that part per request (`waited_s`). The time
+    in the app is the median among the classify requests that finished in the last window: it
+    tracks congestion, while one large legal request (seconds of decoding) does not make the gate
+    shed every small one after it.
+    """
+
+    WINDOW_S = 0.5
 
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
         self.in_flight = 0
         self.shed = 0
-        self.interval_s: float | None = None  # running mean time between completions while busy
-        self._busy_since: float | None = None  # last completion (or start of the busy period)
+        self.waited_s = 0.0  # running mean of the wait before the app, for /info
+        self.in_app_s = 0.0  # median classify time in the app over the last full window
+        self._window: list[float] = []
+        self._window_end = 0.0
 
-    def expected_wait_s(self) -> float:
-        return 0.0 if self.interval_s is None else self.in_flight * self.interval_s
+    def expected_wait_s(self, waited_s: float = 0.0) -> float:
+        return waited_s + (self.in_app_s if self.in_flight else 0.0)  # nothing in flight: nothing ahead
 
-    def enter(self) -> None:
-        wait = self.expected_wait_s()
-        if self.in_flight and wait > self.deadline_s:
+    def admit(self, waited_s: float = 0.0) -> None:
+        """Overloaded (503) when the expected wait is over the deadline."""
+        self.waited_s = 0.95 * self.waited_s + 0.05 * waited_s
+        wait = self.expected_wait_s(waited_s)
+        if wait > self.deadline_s:
             self.shed += 1
             raise Overloaded(wait - self.deadline_s, f"expected queue wait {wait:.1f} s exceeds the "
                                                       f"{self.deadline_s:g} s deadline")
-        if self.in_flight == 0:
-            self._busy_since = time.perf_counter()
         self.in_flight += 1
 
-    def leave(self) -> None:
-        now = time.perf_counter()
-        if self._busy_since is not None:
-            gap = now - self._busy_since
-            self.interval_s = gap if self.interval_s is None else 0.9 * self.interval_s + 0.1 * gap
+    def done(self, seconds_in_app: float) -> None:
+        """An admitted request finished after `seconds_in_app`."""
         self.in_flight -= 1
-        self._busy_since = now if self.in_flight else None
+        self._window.append(seconds_in_app)
+        now = time.perf_counter()
+        if now >= self._window_end:  # roll the window: its median becomes the estimate
+            self.in_app_s = statistics.median(self._window)
+            self._window, self._window_end = [], now + self.WINDOW_S
 
 
 @dataclass

@@ -12,16 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 
 from service.config import ServiceConfig
 
 log = logging.getLogger("promptfolio.service")
+ARRIVED = "promptfolio.arrived"  # scope["state"] key: loop.time() when the request's bytes arrived
 _settings = ServiceConfig()  # replaced by `configure` when the service starts
 
 
 def configure(cfg: ServiceConfig) -> None:
     global _settings
     _settings = cfg
+
+
+def _kernel_idle_s(transport: asyncio.Transport) -> float | None:
+    """Seconds since the kernel last received data on this connection (Linux TCP_INFO
+    tcpi_last_data_recv), i.e. how long a request's bytes have waited, the accept queue included."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, 52)[0] / 1000
+    except (OSError, AttributeError, struct.error, TypeError):
+        return None
 
 
 def _reply_and_close(transport: asyncio.Transport, status: int, reason: str, message: str) -> None:
@@ -90,6 +104,9 @@ def install() -> bool:
             self._arm(self.cfg.header_timeout_s, "headers")
 
         def on_headers_complete(self) -> None:
+            idle = _kernel_idle_s(self.transport)  # the admission gate counts the wait before the app
+            if idle is not None:
+                self.scope["state"][ARRIVED] = self.loop.time() - idle
             super().on_headers_complete()
             self._arm(self.cfg.body_timeout_s, "body")
 

@@ -11,6 +11,7 @@ refusal made before the body is read carries `Connection: close`, so the server 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Mapping
 
 from prompts_store.store import StoreError, UnknownTenant, hash_key, key_tenant
 from service import metrics
+from service.batcher import Overloaded
 
 if TYPE_CHECKING:
     from service.engine import Engine
@@ -130,21 +132,23 @@ class RequestGuard:
         has_body = headers.get("content-length", "0") != "0" or "chunked" in headers.get("transfer-encoding", "")
         limit = body_limit(engine, access)
         refusal = self._refusal(engine, access, headers, limit)
+        gate = engine.admission if refusal is None and access.body == "classify" else None
+        if gate is not None:
+            arrived = scope.get("state", {}).get("promptfolio.arrived")  # stamped by service/connections.py
+            now = asyncio.get_running_loop().time()
+            try:
+                gate.admit(max(0.0, now - arrived) if arrived else 0.0)
+            except Overloaded as e:  # shed before the body is read
+                refusal = 503, str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}
+                gate = None
         if refusal is not None:
             await _respond(send, *refusal, close=has_body)
             return
-        gate = engine.admission if access.body == "classify" else None
-        if gate is not None:
-            try:
-                gate.enter()
-            except Exception as e:  # Overloaded: shed before the body is read
-                await _respond(send, 503, str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}, close=has_body)
-                return
         try:
             await self._guarded(scope, receive, send, limit)
         finally:
             if gate is not None:
-                gate.leave()
+                gate.done(asyncio.get_running_loop().time() - now)
 
     @staticmethod
     def _refusal(engine: Engine, access: Access, headers: dict[str, str],

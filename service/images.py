@@ -140,7 +140,7 @@ def _shrink_native(img: Image.Image, target: int) -> Image.Image:
 
 def decode_probed(probed: Probed, preprocess, target_size: int) -> torch.Tensor:
     """A probed image -> float `[3, H, W]` via the encoder's own preprocess."""
-    name, light = probed.name, probed.light
+    name = probed.name
     img, probed.image = probed.image, None
     try:
         with warnings.catch_warnings():
@@ -152,19 +152,18 @@ def decode_probed(probed: Probed, preprocess, target_size: int) -> torch.Tensor:
         raise ImageError(f"{name}: not a decodable image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"{name}: corrupt image ({e})") from None
-    tensor = preprocess(img)
-    if not light:
-        del img
-        _release_freed_memory()
-    return tensor
+    return preprocess(img)
 
 
-def _release_freed_memory() -> None:
-    """glibc keeps a large image's freed buffer in its arenas (tens of MiB per decode thread);
-    hand it back so one large image does not leave the worker bigger."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of `threshold` bytes and more with mmap, so they go back to the OS when freed.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), after which a large
+    image's buffers come from the heap and stay resident: tens of MiB per decode thread after one
+    big image. A fixed threshold turns that off. Process-wide: the service calls it once at start.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt is not None and mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
 
 
 def decode(data: bytes, name: str, preprocess, limits: ImageLimits) -> torch.Tensor:

@@ -10,7 +10,7 @@ import logging
 
 import bentoml
 
-from service import connections
+from service import connections, images
 from service.api import create_app
 from service.config import ServiceConfig
 from service.engine import Engine
@@ -29,6 +29,7 @@ class PromptFolio:
         cfg = ServiceConfig.from_env()
         self.engine = Engine(cfg)
         connections.configure(cfg)
+        images.return_large_buffers_to_the_os()  # a large image's decode buffers do not stay resident
         app.state.engine = self.engine
         enc = self.engine.encoder
         log.warning("promptfolio ready: %s (%s) on %s, image backend %s with providers %s, fingerprint %s, "
