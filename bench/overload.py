@@ -88,7 +88,7 @@ def summarize(results: list[tuple], offered_rps: float, seconds: float) -> dict:
             "admitted": len(admitted), "admitted_p50_ms": round(1000 * pct(admitted, 50), 1),
             "admitted_p99_ms": round(1000 * pct(admitted, 99), 1),
             "shed_fraction": round(len(shed) / max(len(results), 1), 3),
-            "retry_after_s": sorted({h.get("retry-after") for h in shed}), "failed": len(failed),
+            "retry_after_s": sorted({h.get("retry-after", "none") for h in shed}), "failed": len(failed),
             "failures": sorted(set(failed))[:5], "other_status": sorted(set(other))}
 
 

@@ -40,8 +40,9 @@ def _kernel_idle_s(transport: asyncio.Transport) -> float | None:
 
 def _reply_and_close(transport: asyncio.Transport, status: int, reason: str, message: str) -> None:
     body = ('{"error": "%s"}' % message).encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode()
+            f"{retry}connection: close\r\n\r\n").encode()
     if not transport.is_closing():
         transport.write(head + body)
         transport.close()

@@ -6,7 +6,8 @@ pure ASGI middleware sits in front of the routes and, per route, checks the key,
 declared Content-Length over the route's limit, counts the bytes that actually stream in
 (Content-Length or chunked alike) and answers 413 the moment the count passes the limit, and sheds
 classify requests (503 + Retry-After) while the expected queue wait exceeds the deadline. A
-refusal made before the body is read carries `Connection: close`, so the server stops reading.
+refusal made before the body is read drops a small body (so closing cannot reset the connection
+under the answer) and carries `Connection: close` past that, so the server stops reading.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("promptfolio.service")
 MULTIPART_SLACK = 64 << 10  # multipart boundaries, part headers and small form fields
+# A refusal made before the body is read still reads (and drops) a small body: closing a socket with
+# unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it
+# (seen as connections dropped without a response when bursts were shed). Larger bodies are not read.
+DRAIN_BYTES = 256 << 10  # read for up to the body timeout (a slow sender is a slow client: timed out)
 
 
 class APIError(Exception):
@@ -142,7 +147,8 @@ class RequestGuard:
                 refusal = 503, str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}
                 gate = None
         if refusal is not None:
-            await _respond(send, *refusal, close=has_body)
+            drained = not has_body or await _drain(receive, DRAIN_BYTES, engine.cfg.body_timeout_s)
+            await _respond(send, *refusal, close=not drained)
             return
         try:
             await self._guarded(scope, receive, send, limit)
@@ -193,6 +199,23 @@ class RequestGuard:
                 raise
         if refused and not started:
             await _respond(send, 413, f"request body exceeds the {limit}-byte limit", None, close=True)
+
+
+async def _drain(receive, limit: int, seconds: float) -> bool:
+    """Read and discard up to `limit` body bytes for up to `seconds`; True when the body ended."""
+    seen, deadline = 0, asyncio.get_running_loop().time() + seconds
+    try:
+        while seen <= limit:
+            left = deadline - asyncio.get_running_loop().time()
+            message = await asyncio.wait_for(receive(), max(left, 0.001))
+            if message["type"] != "http.request":
+                return False
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return seen <= limit
+    except asyncio.TimeoutError:
+        pass
+    return False
 
 
 async def _respond(send, status: int, message: str, headers: dict[str, str] | None, close: bool) -> None:
