@@ -150,12 +150,16 @@ def fairness(port: int, probe: bytes, heavy: bytes, repeats: int = 30) -> dict:
 
         runner = asyncio.create_task(heavy_loop())
         await asyncio.sleep(0.5)
+        statuses: list = []
         while len(busy) < repeats or not heavy_runs:
             status, seconds, _ = await send(port, probe)
-            busy.append(seconds if status == 200 else float("nan"))
+            statuses.append(status)
+            if status == 200:
+                busy.append(seconds)
         stop = True
         await runner
-        return {"idle_p50_ms": 1000 * pct(idle, 50), "idle_p99_ms": 1000 * pct(idle, 99),
+        return {"probe_statuses": {str(s): statuses.count(s) for s in set(statuses)},
+                "idle_p50_ms": 1000 * pct(idle, 50), "idle_p99_ms": 1000 * pct(idle, 99),
                 "busy_p50_ms": 1000 * pct(busy, 50), "busy_p99_ms": 1000 * pct(busy, 99),
                 "p99_ratio": pct(busy, 99) / pct(idle, 99), "heavy_requests": len(heavy_runs),
                 "heavy_status": sorted({s for s, _ in heavy_runs}, key=str),
@@ -196,6 +200,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each open-loop run")
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--deadline", type=float, default=1.0, help="PROMPTFOLIO_ADMISSION_DEADLINE_S")
+    parser.add_argument("--parts", default="overload,fairness", help="which parts to run")
     parser.add_argument("--out", default="overload.json")
     args = parser.parse_args()
     from service_helpers import Server
@@ -204,28 +209,40 @@ def main() -> int:
     server = Server(base / "store", base / "server.log", PROMPTFOLIO_ADMISSION_DEADLINE_S=str(args.deadline)).start()
     try:
         keys, classify, uploads = _setup(server, args.tenants)
-        asyncio.run(closed_loop(server.port, classify, 4, 3.0))  # warm up
-        capacity = asyncio.run(closed_loop(server.port, classify, 16, max(10.0, args.seconds / 3)))
-        print(f"capacity (16 closed-loop clients, 4 images per request): {capacity:.1f} req/s")
-        rows = overload(server.port, classify, capacity, seconds=args.seconds, side_requests=uploads)
-        print(f"\nopen loop, {args.seconds:.0f} s each, deadline {args.deadline:g} s, {args.tenants} tenants, "
-              "an upload every 10 s")
-        print("| load | offered req/s | requests | admitted p50 / p99 ms | shed | failed (no answer) |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            print(f"| {row['load']:.0%} | {row['offered_rps']} | {row['requests']} | {row['admitted_p50_ms']} / "
-                  f"{row['admitted_p99_ms']} | {row['shed_fraction']:.1%} | {row['failed']} {row['failures']} |")
-        probe_ct, probe_body = multipart([png(Image.new("RGB", (64, 64), (200, 30, 30)))])
-        heavy_ct, heavy_body = multipart([png(Image.new("RGB", (4000, 4000), (90, 90, 90)))] * 64)
-        fair = fairness(server.port, request_bytes("/v1/tenants/t1/classify", keys["t1"], probe_ct, probe_body),
-                        request_bytes("/v1/tenants/t0/classify", keys["t0"], heavy_ct, heavy_body))
-        print("\nfairness: a 64x64 probe (tenant t1) idle vs while t0 sends 64 RGB 4000x4000 PNGs per request")
-        print(json.dumps(fair))
+        rows, fair, capacity = [], {}, float("nan")
+        if "overload" in args.parts:
+            asyncio.run(closed_loop(server.port, classify, 4, 3.0))  # warm up
+            capacity = asyncio.run(closed_loop(server.port, classify, 16, max(10.0, args.seconds / 3)))
+            print(f"capacity (16 closed-loop clients, 4 images per request): {capacity:.1f} req/s")
+            rows = overload(server.port, classify, capacity, seconds=args.seconds, side_requests=uploads)
+            _print_overload(rows, args)
+        if "fairness" in args.parts:
+            fair = _fairness_run(server, keys)
         Path(args.out).write_text(json.dumps({"capacity_rps": capacity, "overload": rows, "fairness": fair},
                                              indent=1))
     finally:
         server.stop()
     return 0
+
+
+def _print_overload(rows: list[dict], args) -> None:
+    print(f"\nopen loop, {args.seconds:.0f} s each, deadline {args.deadline:g} s, {args.tenants} tenants, "
+          "an upload every 10 s")
+    print("| load | offered req/s | requests | admitted p50 / p99 ms | shed | failed (no answer) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['load']:.0%} | {row['offered_rps']} | {row['requests']} | {row['admitted_p50_ms']} / "
+              f"{row['admitted_p99_ms']} | {row['shed_fraction']:.1%} | {row['failed']} {row['failures']} |")
+
+
+def _fairness_run(server, keys: dict[str, str]) -> dict:
+    probe_ct, probe_body = multipart([png(Image.new("RGB", (64, 64), (200, 30, 30)))])
+    heavy_ct, heavy_body = multipart([png(Image.new("RGB", (4000, 4000), (90, 90, 90)))] * 64)
+    fair = fairness(server.port, request_bytes("/v1/tenants/t1/classify", keys["t1"], probe_ct, probe_body),
+                    request_bytes("/v1/tenants/t0/classify", keys["t0"], heavy_ct, heavy_body))
+    print("\nfairness: a 64x64 probe (tenant t1) idle vs while t0 sends 64 RGB 4000x4000 PNGs per request")
+    print(json.dumps(fair))
+    return fair
 
 
 if __name__ == "__main__":

@@ -5,19 +5,20 @@ calls. Fairness: work is queued per tenant and served round-robin between tenant
 one), one image at a time, both when decode workers pick their next image and when a batch is
 formed, so a 64-image request cannot hold back another tenant's single image: that image waits
 for at most the images already in progress, not for the whole request. Heavy decodes (many
-pixels) may occupy all decode workers but one, so a light image always finds a worker.
+pixels) may occupy all decode workers but one, at a lower OS priority, so a light image always
+finds a worker and the CPU.
 
 Admission: a classify request is shed with `Overloaded` (503 + Retry-After) when its expected
 queue wait exceeds the deadline: the wait it has already had before the app (measured by the
-server) plus, like Little's law, what is in flight ahead of it × the measured time between
-completions, so it covers every stage (HTTP parsing, decode, encode) without modelling each; the
-encoder queue also refuses work beyond a count or its own expected wait.
+server from the kernel) plus the time requests currently spend in the app (measured, so it covers
+every stage: HTTP parsing, decode, encode, without modelling each); the encoder queue also
+refuses work beyond a count or its own expected wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -87,16 +88,19 @@ class _Task:
 
 
 class FairPool:
-    """Worker threads that take tasks round-robin between keys; heavy tasks leave one worker free."""
+    """Worker threads that take tasks round-robin between keys. With two or more workers, the last one
+    takes light tasks only and the others (which may take heavy ones) run at a lower OS priority, so
+    a large decode yields the CPU to the event loop and to small requests."""
+
+    HEAVY_NICE = 10
 
     def __init__(self, workers: int, name: str = "decode"):
         self.workers = workers
-        self.heavy_slots = max(1, workers - 1)
         self._queue: FairQueue[_Task] = FairQueue()
-        self._heavy_running = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        self._threads = [threading.Thread(target=self._work, args=(workers == 1 or i < workers - 1,),
+                                          name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
 
@@ -105,29 +109,30 @@ class FairPool:
         task = _Task(fn, heavy, loop, loop.create_future())
         with self._cond:
             self._queue.put(key, task)
-            self._cond.notify()
+            self._cond.notify_all()
         return await task.future
 
-    def _take(self) -> _Task | None:
+    def _take(self, heavy_ok: bool) -> _Task | None:
         with self._cond:
             while True:
                 if self._closed:
                     return None
-                task = self._queue.pop(lambda t: not t.heavy or self._heavy_running < self.heavy_slots)
+                task = self._queue.pop(lambda t: heavy_ok or not t.heavy)
                 if task is not None:
-                    self._heavy_running += task.heavy
                     return task
                 self._cond.wait()
 
-    def _work(self) -> None:
-        while (task := self._take()) is not None:
+    def _work(self, heavy_ok: bool) -> None:
+        if heavy_ok and self.workers > 1:
+            try:  # Linux: a thread's own nice value (raising it needs no privilege)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.HEAVY_NICE)
+            except (OSError, AttributeError):
+                pass
+        while (task := self._take(heavy_ok)) is not None:
             try:
                 result, error = task.fn(), None
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
                 result, error = None, e
-            with self._cond:
-                self._heavy_running -= task.heavy
-                self._cond.notify_all()
             task.loop.call_soon_threadsafe(_settle, task.future, result, error)
 
     def close(self) -> None:
@@ -150,21 +155,23 @@ class AdmissionGate:
 
     Under overload most of the queue is in the kernel (accept queue, unread sockets), before any
     Python code sees a request; the server measures that part per request (`waited_s`). The time
-    in the app is the median among the classify requests that finished in the last window: it
-    tracks congestion, while one large legal request (seconds of decoding) does not make the gate
-    shed every small one after it.
+    in the app is the shortest among the last classify requests to finish, as in CoDel: it grows
+    only when every request is slow (congestion), so one large legal request (a minute of
+    decoding) does not make the gate shed the small ones beside it.
     """
 
-    WINDOW_S = 0.5
+    RECENT = 16
 
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
         self.in_flight = 0
         self.shed = 0
         self.waited_s = 0.0  # running mean of the wait before the app, for /info
-        self.in_app_s = 0.0  # median classify time in the app over the last full window
-        self._window: list[float] = []
-        self._window_end = 0.0
+        self._recent: deque[float] = deque(maxlen=self.RECENT)  # time in the app of the last requests
+
+    @property
+    def in_app_s(self) -> float:
+        return min(self._recent, default=0.0)
 
     def expected_wait_s(self, waited_s: float = 0.0) -> float:
         return waited_s + (self.in_app_s if self.in_flight else 0.0)  # nothing in flight: nothing ahead
@@ -182,11 +189,7 @@ class AdmissionGate:
     def done(self, seconds_in_app: float) -> None:
         """An admitted request finished after `seconds_in_app`."""
         self.in_flight -= 1
-        self._window.append(seconds_in_app)
-        now = time.perf_counter()
-        if now >= self._window_end:  # roll the window: its median becomes the estimate
-            self.in_app_s = statistics.median(self._window)
-            self._window, self._window_end = [], now + self.WINDOW_S
+        self._recent.append(seconds_in_app)
 
 
 @dataclass

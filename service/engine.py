@@ -213,8 +213,9 @@ class Engine:
         if not torch.isfinite(probs).all():  # never a null score: a prompt whose features overflow
             log.error("non-finite scores for tenant %s (global v%s, local v%s)", view.tenant, view.global_version,
                       view.local_version)
-            raise APIError(409, f"tenant {view.tenant!r}: the current prompts (global v{view.global_version}, local "
-                                f"v{view.local_version}) give non-finite scores; upload a new local prompt or roll back")
+            raise APIError(409, f"tenant {view.tenant!r}: the current prompts (global v{view.global_version}, "
+                                f"local v{view.local_version}) give non-finite scores; upload a new local prompt "
+                                "or roll back")
         k = min(top_k, len(view.classes))
         scores, idx = probs.topk(k, dim=-1)
         return [[{"label": view.classes[i], "score": round(float(s), 6)} for s, i in zip(srow, irow)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Mapping
 
@@ -26,7 +25,6 @@ from service.batcher import Overloaded
 if TYPE_CHECKING:
     from service.engine import Engine
 
-log = logging.getLogger("promptfolio.service")
 MULTIPART_SLACK = 64 << 10  # multipart boundaries, part headers and small form fields
 # A refusal made before the body is read still reads (and drops) a small body: closing a socket with
 # unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it

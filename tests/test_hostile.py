@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-import torch
 from PIL import Image
 
 from promptfolio.prompts import init_context
@@ -83,7 +82,9 @@ def timed(fn, *args, **kwargs):
 
 
 def stream_body(server, head: bytes, total: int, chunked: bool, first: bytes = b"") -> tuple[str, int, str]:
-    """Send headers then up to `total` body bytes, stopping when the server answers; (status line, bytes sent, answer)."""
+    """Send headers then up to `total` body bytes, stopping when the server answers.
+
+    Returns (status line, body bytes sent, the whole answer)."""
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.settimeout(30)
     sock.sendall(head + (b"%x\r\n%s\r\n" % (len(first), first) if chunked and first else first))
@@ -118,8 +119,8 @@ def test_bodies_are_refused_from_the_headers_and_counted_as_they_stream(server, 
                                        big, chunked=True)
     assert " 401 " in status and "missing API key" in answer and sent < big // 10, (status, sent)
     # was: a chunked multipart upload without a key spooled ~all of it to /tmp before the 401
-    status, sent, _ = stream_body(server, b"POST /v1/tenants/acme/prompt HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n",
+    status, sent, _ = stream_body(server, b"POST /v1/tenants/acme/prompt HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                  b"multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n",
                                   big, chunked=True)
     assert " 401 " in status and sent < big // 10, (status, sent)
     # with a valid key, chunked bodies stop at the route's limit (1 MiB for JSON) instead of the whole body
