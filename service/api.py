@@ -6,25 +6,22 @@ can produce a 500, and it carries no traceback.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
-import torch
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store.artifact import ArtifactError
 from prompts_store.errors import StoreError, UnknownGlobal, UnknownTenant
-from prompts_store.keys import hash_key, key_tenant
 from service import images as image_io
 from service import metrics, writes
 from service.batcher import Overloaded
 from service.engine import Engine, TenantView
+from service.guard import APIError, RequestGuard, check_admin, check_tenant, presented_key
 
 
 THETA_OVERRIDE = ("Per-request θ in [0, 1] (default: the tenant's setting, else the θ its local artifact was "
@@ -32,11 +29,10 @@ THETA_OVERRIDE = ("Per-request θ in [0, 1] (default: the tenant's setting, else
                   "trained together with its global at its training θ: only there is the answer the classifier "
                   "that was trained; θ=1 is 'local only' only for a prompt trained at θ=1.")
 
+__all__ = ["APIError", "create_app", "require_admin", "require_tenant"]
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+# JSON booleans are not numbers here: `{"theta": false}` is a 422, not θ = 0
+StrictTheta = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 
 
 class NewTenant(BaseModel):
@@ -44,69 +40,42 @@ class NewTenant(BaseModel):
 
     id: str
     classes: list[str] = Field(min_length=1)
-    theta: float | None = None
+    theta: StrictTheta | None = None
 
 
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
 
     classes: list[str] | None = None
-    theta: float | None = None  # an explicit null returns θ to "auto" (the artifact's θ or the default)
+    theta: StrictTheta | None = None  # an explicit null returns θ to "auto" (the artifact's θ or the default)
 
 
 class Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
 
-    version: int | None = None
+    version: StrictInt | None = None
 
 
 class Repin(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silent no-op
 
     # the global version to serve the tenant's local prompt with; null: follow the current global
-    global_version: int | None = Field(ge=0)
+    global_version: StrictInt | None = Field(ge=0)
 
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
-
-
-def _is_admin(engine: Engine, key: str) -> bool:
-    admin = engine.cfg.admin_key
-    return bool(admin) and hmac.compare_digest(hash_key(admin), hash_key(key))
-
-
+# The RequestGuard middleware already decided these from the headers before the body was read;
+# the routes check again (cheap) so a route is never reachable without its check.
 def require_admin(request: Request) -> None:
-    engine, key = engine_of(request), _presented_key(request)
-    if key is None:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <admin key>'")
-    if not engine.cfg.admin_key:
-        raise APIError(403, "admin endpoints are disabled: start the service with PROMPTFOLIO_ADMIN_KEY set")
-    if not _is_admin(engine, key):
-        raise APIError(403, "this endpoint needs the admin key")
+    check_admin(engine_of(request), presented_key(request.headers))
 
 
 def require_tenant(request: Request, tenant: str) -> str:
     """The tenant's own key or the admin key; 401 for a missing/invalid key, 403 for another tenant's."""
-    engine, key = engine_of(request), _presented_key(request)
-    if key is None:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <tenant key>'")
-    if _is_admin(engine, key):
-        engine.store.tenant(tenant)  # 404 for an unknown tenant
-        return tenant
-    owner = key_tenant(key)
-    if owner is None or not engine.store.verify_key(owner, key):
-        raise APIError(401, "invalid API key")
-    if owner != tenant:
-        raise APIError(403, f"this API key belongs to tenant {owner!r} and cannot act on tenant {tenant!r}")
-    return tenant
+    return check_tenant(engine_of(request), presented_key(request.headers), tenant)
 
 
 async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
@@ -138,8 +107,6 @@ def _pair_warning(view: TenantView) -> list[str]:
 def create_app() -> FastAPI:
     app = FastAPI(title="PromptFolio", version="1", description="Per-tenant zero-shot classification with "
                   "federated portfolio prompts.")
-    decode_pool: ThreadPoolExecutor | None = None
-
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         metrics.count_error(exc.status)
@@ -182,17 +149,7 @@ def create_app() -> FastAPI:
         metrics.count_error(400)
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        engine: Engine = request.app.state.engine
-        length = request.headers.get("content-length")
-        if request.url.path.endswith("/prompt"):
-            limit = engine.cfg.max_upload_bytes + (64 << 10)
-        else:
-            limit = engine.cfg.max_images_per_request * engine.cfg.max_image_bytes + (64 << 10)
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"error": f"request body exceeds the {limit}-byte limit"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard)  # auth and body limits from the headers, before any body is read
 
     # ---- public -----------------------------------------------------------------------------
     @app.get("/info")
@@ -206,7 +163,11 @@ def create_app() -> FastAPI:
                 "cache": {"entries": len(engine.cache), "bytes": engine.cache.bytes,
                           "hits": engine.cache.hits, "misses": engine.cache.misses},
                 "batching": {"batches": engine.batcher.batches, "images": engine.batcher.images,
-                             "max_batch": engine.cfg.max_batch}}
+                             "max_batch": engine.cfg.max_batch},
+                "admission": {"in_flight": engine.admission.in_flight, "shed": engine.admission.shed,
+                              "expected_wait_s": round(engine.admission.expected_wait_s(), 3),
+                              "deadline_s": engine.admission.deadline_s,
+                              "mean_wait_before_app_s": round(engine.admission.waited_s, 3)}}
 
     # ---- admin ------------------------------------------------------------------------------
     @app.post("/tenants", status_code=201, dependencies=[Depends(require_admin)])
@@ -275,30 +236,18 @@ def create_app() -> FastAPI:
     async def classify(request: Request, tenant: str, images: list[UploadFile] = File(...),
                        top_k: int = Form(5, ge=1, le=1000),
                        theta: float | None = Form(None, description=THETA_OVERRIDE)) -> dict:
-        nonlocal decode_pool
         require_tenant(request, tenant)
         engine = engine_of(request)
         if len(images) > engine.cfg.max_images_per_request:
             raise APIError(413, f"{len(images)} images exceed the limit of {engine.cfg.max_images_per_request} "
                                 f"per request")
-        if decode_pool is None:
-            decode_pool = ThreadPoolExecutor(engine.cfg.decode_threads, thread_name_prefix="decode")
-        loop = asyncio.get_running_loop()
         payloads = []
         for i, upload in enumerate(images):
             name = upload.filename or f"image {i}"
             image_io.check_content_type(upload.content_type, name)
             payloads.append((await _read_limited(upload, engine.cfg.max_image_bytes, "image"), name))
-        tensors = await asyncio.gather(*[
-            loop.run_in_executor(decode_pool, image_io.decode, data, name, engine.encoder.preprocess,
-                                 engine.cfg.max_image_pixels, engine.encoder.image_size)
-            for data, name in payloads])
-        view = await run_in_threadpool(engine.view, tenant, theta)
-        metrics.count_cache(view.cache_hit)
-        feats = await engine.batcher.encode(torch.stack(tensors))
-        ranked = engine.rank(view, feats, top_k)
-        metrics.count_classify(tenant, len(tensors))
-        return {"tenant": tenant, **view.summary(),
-                "predictions": [{"file": name, "top": top} for (_, name), top in zip(payloads, ranked)]}
+        answer = await engine.classify(tenant, payloads, top_k, theta)
+        metrics.count_classify(tenant, len(payloads))
+        return answer
 
     return app

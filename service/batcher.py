@@ -1,114 +1,323 @@
-"""Micro-batching of image encoding across concurrent requests and tenants.
+"""Fair sharing of the decode pool and the encoder between requests and tenants, and admission.
 
-Image features do not depend on the tenant, so every queued image, whoever sent it, can share one
-encoder call. Requests put their preprocessed tensors in a queue; one loop takes up to `max_batch`
-images (waiting at most `max_wait_ms` for a batch to fill), encodes them in a single worker thread
-and hands each request its rows. A bounded queue turns overload into a fast `Overloaded` error
-(503 + Retry-After) instead of a pile-up of slow requests.
+Image features do not depend on the tenant, so queued images, whoever sent them, share encoder
+calls. Fairness: work is queued per tenant and served round-robin between tenants (FIFO within
+one), one image at a time, both when decode workers pick their next image and when a batch is
+formed, so a 64-image request cannot hold back another tenant's single image: that image waits
+for at most the images already in progress, not for the whole request. Heavy decodes (many
+pixels) may occupy all decode workers but one, at a lower OS priority, so a light image always
+finds a worker and the CPU.
+
+Admission: a classify request is shed with `Overloaded` (503 + Retry-After) when its expected
+queue wait exceeds the deadline: the wait it has already had before the app (measured by the
+server from the kernel) plus the time requests currently spend in the app (measured, so it covers
+every stage: HTTP parsing, decode, encode, without modelling each); the encoder queue also
+refuses work beyond a count or its own expected wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Generic, TypeVar
 
 import torch
 
+T = TypeVar("T")
+
 
 class Overloaded(RuntimeError):
-    def __init__(self, retry_after_s: float):
-        super().__init__(f"the encoder queue is full; retry in {retry_after_s:.0f} s")
-        self.retry_after_s = retry_after_s
+    def __init__(self, retry_after_s: float, why: str = "the encoder queue is full"):
+        super().__init__(f"{why}; retry in {max(1.0, retry_after_s):.0f} s")
+        self.retry_after_s = max(1.0, retry_after_s)
+
+
+class FairQueue(Generic[T]):
+    """Round-robin between keys (tenants), FIFO within a key. Not thread-safe by itself."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str, deque[T]] = OrderedDict()
+        self._size = 0
+
+    def put(self, key: str, item: T) -> None:
+        self._queues.setdefault(key, deque()).append(item)
+        self._size += 1
+
+    def pop(self, allowed: Callable[[T], bool] = lambda item: True) -> T | None:
+        """The head item of the first key (in turn) whose head is allowed; that key goes to the back."""
+        for key, queue in self._queues.items():
+            if allowed(queue[0]):
+                item = queue.popleft()
+                self._queues.move_to_end(key)
+                if not queue:
+                    del self._queues[key]
+                self._size -= 1
+                return item
+        return None
+
+    def turn(self) -> tuple[str, T] | None:
+        """The next key in turn and its head item, left in place; the key goes to the back."""
+        if not self._queues:
+            return None
+        key, queue = next(iter(self._queues.items()))
+        self._queues.move_to_end(key)
+        return key, queue[0]
+
+    def discard_head(self, key: str) -> None:
+        queue = self._queues[key]
+        queue.popleft()
+        self._size -= 1
+        if not queue:
+            del self._queues[key]
+
+    def __len__(self) -> int:
+        return self._size
+
+
+@dataclass
+class _Task:
+    fn: Callable[[], Any]
+    heavy: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class FairPool:
+    """Worker threads that take tasks round-robin between keys. With two or more workers, the last one
+    takes light tasks only and the others (which may take heavy ones) run at a lower OS priority, so
+    a large decode yields the CPU to the event loop and to small requests."""
+
+    HEAVY_NICE = 10
+
+    def __init__(self, workers: int, name: str = "decode"):
+        self.workers = workers
+        self._queue: FairQueue[_Task] = FairQueue()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, args=(workers == 1 or i < workers - 1,),
+                                          name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    async def run(self, key: str, fn: Callable[[], T], heavy: bool = False) -> T:
+        loop = asyncio.get_running_loop()
+        task = _Task(fn, heavy, loop, loop.create_future())
+        with self._cond:
+            self._queue.put(key, task)
+            self._cond.notify_all()
+        return await task.future
+
+    def _take(self, heavy_ok: bool) -> _Task | None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                task = self._queue.pop(lambda t: heavy_ok or not t.heavy)
+                if task is not None:
+                    return task
+                self._cond.wait()
+
+    def _work(self, heavy_ok: bool) -> None:
+        if heavy_ok and self.workers > 1:
+            try:  # Linux: a thread's own nice value (raising it needs no privilege)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.HEAVY_NICE)
+            except (OSError, AttributeError):
+                pass
+        while (task := self._take(heavy_ok)) is not None:
+            try:
+                result, error = task.fn(), None
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                result, error = None, e
+            task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class AdmissionGate:
+    """Sheds a request when the wait it has had plus the time it will spend in the app exceeds the deadline.
+
+    Under overload most of the queue is in the kernel (accept queue, unread sockets), before any
+    Python code sees a request; the server measures that part per request (`waited_s`). The time
+    in the app is the shortest among the last classify requests to finish, as in CoDel: it grows
+    only when every request is slow (congestion), so one large legal request (a minute of
+    decoding) does not make the gate shed the small ones beside it.
+    """
+
+    RECENT = 16
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self.in_flight = 0
+        self.shed = 0
+        self.waited_s = 0.0  # running mean of the wait before the app, for /info
+        self._recent: deque[float] = deque(maxlen=self.RECENT)  # time in the app of the last requests
+
+    @property
+    def in_app_s(self) -> float:
+        return min(self._recent, default=0.0)
+
+    def expected_wait_s(self, waited_s: float = 0.0) -> float:
+        return waited_s + (self.in_app_s if self.in_flight else 0.0)  # nothing in flight: nothing ahead
+
+    def admit(self, waited_s: float = 0.0) -> None:
+        """Overloaded (503) when the expected wait is over the deadline."""
+        self.waited_s = 0.95 * self.waited_s + 0.05 * waited_s
+        wait = self.expected_wait_s(waited_s)
+        if wait > self.deadline_s:
+            self.shed += 1
+            raise Overloaded(wait - self.deadline_s, f"expected queue wait {wait:.1f} s exceeds the "
+                                                      f"{self.deadline_s:g} s deadline")
+        self.in_flight += 1
+
+    def done(self, seconds_in_app: float) -> None:
+        """An admitted request finished after `seconds_in_app`."""
+        self.in_flight -= 1
+        self._recent.append(seconds_in_app)
 
 
 @dataclass
 class _Job:
     images: torch.Tensor  # [n, 3, H, W]
     future: asyncio.Future
-    queued_at: float = field(default_factory=time.perf_counter)
+    taken: int = 0  # rows handed to a batch
+    parts: list[torch.Tensor] = field(default_factory=list)  # feature rows back, in order
+
+    @property
+    def done(self) -> int:
+        return sum(p.shape[0] for p in self.parts)
 
 
 class MicroBatcher:
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_wait_ms: float,
-                 max_pending_images: int):
+                 max_pending_images: int, deadline_s: float | None = None):
         self.encode_fn = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.max_pending = max_pending_images
+        self.deadline_s = deadline_s
         self.pending_images = 0
         self.batches = 0
         self.images = 0
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._queue: FairQueue[_Job] = FairQueue()
+        self._queued_rows = 0
+        self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        self._seconds_per_image = 0.01  # running estimate, for Retry-After
+        self._seconds_per_image = 0.01  # running estimate, for Retry-After and admission
 
-    def _ensure_started(self) -> asyncio.Queue:
+    def _ensure_started(self) -> asyncio.Event:
         loop = asyncio.get_running_loop()
-        if self._queue is None or self._loop is not loop:  # first use, or a new event loop (tests)
+        if self._wakeup is None or self._loop is not loop:  # first use, or a new event loop (tests)
             if self._task is not None:
                 self._task.cancel()
-            self._loop = loop
-            self._queue = asyncio.Queue()
+            self._loop, self._wakeup = loop, asyncio.Event()
+            self._queue, self._queued_rows = FairQueue(), 0
             self._task = loop.create_task(self._run())
-        return self._queue
+        return self._wakeup
 
-    async def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """`[n, 3, H, W]` -> `[n, D]` features, batched with whatever else is queued."""
-        queue = self._ensure_started()
+    def expected_wait_s(self, extra_images: int = 0) -> float:
+        return (self.pending_images + extra_images) * self._seconds_per_image
+
+    async def encode(self, images: torch.Tensor, key: str = "") -> torch.Tensor:
+        """`[n, 3, H, W]` -> `[n, D]` features, batched with whatever else is queued (fairly by `key`)."""
+        wakeup = self._ensure_started()
         n = images.shape[0]
         if self.pending_images + n > self.max_pending:
-            raise Overloaded(max(1.0, self.pending_images * self._seconds_per_image))
+            raise Overloaded(self.expected_wait_s())
+        wait = self.expected_wait_s(n)
+        if self.deadline_s is not None and self.pending_images and wait > self.deadline_s:
+            raise Overloaded(wait - self.deadline_s, f"expected encoder wait {wait:.1f} s exceeds the "
+                                                     f"{self.deadline_s:g} s deadline")
         self.pending_images += n
         job = _Job(images, asyncio.get_running_loop().create_future())
-        await queue.put(job)
+        self._queue.put(key, job)
+        self._queued_rows += n
+        wakeup.set()
         return await job.future
 
+    def _take_batch(self) -> list[tuple[_Job, int, int]]:
+        """Up to max_batch rows, one at a time round-robin between keys; (job, start, stop) slices."""
+        slices: dict[int, list] = {}
+        count = 0
+        while count < self.max_batch and (turn := self._queue.turn()) is not None:
+            key, job = turn
+            n = job.images.shape[0]
+            if job.taken < n:  # a failed job's rows are skipped
+                piece = slices.setdefault(id(job), [job, job.taken, job.taken])
+                job.taken += 1
+                piece[2] = job.taken
+                count += 1
+            if job.taken >= n:
+                self._queue.discard_head(key)
+        self._queued_rows -= count
+        return [tuple(piece) for piece in slices.values()]
+
     async def _run(self) -> None:
-        queue = self._queue
         loop = asyncio.get_running_loop()
-        carry: _Job | None = None
+        wakeup = self._wakeup
         while True:
-            jobs = [carry or await queue.get()]
-            carry = None
-            count = jobs[0].images.shape[0]
+            while not self._queued_rows:
+                wakeup.clear()
+                await wakeup.wait()
             deadline = time.perf_counter() + self.max_wait_s
-            while count < self.max_batch:
-                timeout = deadline - time.perf_counter()
+            while self._queued_rows < self.max_batch and (left := deadline - time.perf_counter()) > 0:
+                wakeup.clear()
                 try:
-                    job = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), left)
+                except asyncio.TimeoutError:
                     break
-                if count + job.images.shape[0] > self.max_batch:
-                    carry = job  # keeps its place at the head of the next batch
-                    break
-                jobs.append(job)
-                count += job.images.shape[0]
-            batch = torch.cat([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images
-            start = time.perf_counter()
+            slices = self._take_batch()
+            count = sum(stop - start for _, start, stop in slices)
+            batch = torch.cat([job.images[start:stop] for job, start, stop in slices])
+            start_time = time.perf_counter()
             try:
                 feats = await loop.run_in_executor(self._executor, self.encode_fn, batch)
-            except Exception as e:  # surface to every waiting request, keep the loop alive
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                self.pending_images -= count
+            except Exception as e:  # surface to every request in the batch, keep the loop alive
+                self._fail(slices, e)
                 continue
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start_time
             self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / max(count, 1)
             self.batches += 1
             self.images += count
             offset = 0
-            for j in jobs:
-                n = j.images.shape[0]
-                if not j.future.done():
-                    j.future.set_result(feats[offset : offset + n])
-                offset += n
-            self.pending_images -= count
+            for job, start, stop in slices:
+                job.parts.append(feats[offset : offset + stop - start])
+                offset += stop - start
+                if job.done == job.images.shape[0]:
+                    self.pending_images -= job.images.shape[0]
+                    if not job.future.done():
+                        job.future.set_result(torch.cat(job.parts) if len(job.parts) > 1 else job.parts[0])
+
+    def _fail(self, slices: list, error: Exception) -> None:
+        for job, _, _ in slices:
+            if not job.future.done():
+                job.future.set_exception(error)
+                self._drop(job)
+
+    def _drop(self, job: _Job) -> None:
+        """A failed job's rows still queued are removed and its images leave the pending count."""
+        self.pending_images -= job.images.shape[0]
+        remaining = job.images.shape[0] - job.taken
+        job.taken = job.images.shape[0]
+        self._queued_rows -= remaining
 
     def close(self) -> None:
         if self._task is not None:

@@ -24,10 +24,22 @@ class ServiceConfig(BaseModel):
     max_batch: int = Field(32, ge=1, le=1024)  # images per encoder call
     max_wait_ms: float = Field(4.0, ge=0, le=1000)  # how long a batch waits to fill
     max_pending_images: int = Field(512, ge=1)  # queued images beyond this get 503 + Retry-After
+    # a classify request whose expected queue wait exceeds this is shed (503 + Retry-After)
+    admission_deadline_s: float = Field(1.0, gt=0, le=600)
     max_images_per_request: int = Field(64, ge=1)
     max_image_bytes: int = Field(20 << 20, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard
+    max_request_bytes: int = Field(64 << 20, ge=1)  # a whole classify body, counted as it streams in
+    max_json_bytes: int = Field(1 << 20, ge=1)  # JSON bodies (tenant registration, PATCH, rollback)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # input pixels, from the header (JPEG decodes reduced)
+    max_decoded_pixels: int = Field(16_000_000, ge=1)  # pixels held in memory after a reduced-size decode
+    max_image_side: int = Field(16384, ge=1)
+    max_image_aspect: float = Field(20.0, ge=1)  # long side / short side
+    max_resized_pixels: int = Field(4_000_000, ge=1)  # what the resize to the encoder's size produces
     max_upload_bytes: int = Field(1 << 20, ge=1)  # prompt artifacts
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this
+    body_timeout_s: float = Field(60.0, gt=0)  # and its body within this after the headers
+    keep_alive_s: float = Field(20.0, gt=0)  # idle keep-alive connections close after this
+    max_connections: int = Field(1024, ge=1)  # beyond it idle connections are closed, then new ones refused
     cache_mb: float = Field(256.0, gt=0)  # tenant feature cache bound
     decode_threads: int = Field(2, ge=1, le=64)
     top_k: int = Field(5, ge=1)

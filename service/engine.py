@@ -10,7 +10,10 @@ on features.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -25,12 +28,16 @@ from prompts_store.store import PromptStore
 from promptfolio import portfolio
 from promptfolio.encoder import Encoder, load_encoder
 from promptfolio.prompts import encode_classes, init_context
+from service import images as image_io
+from service import metrics
 from service.backends import make_backend
-from service.batcher import MicroBatcher
+from service.batcher import AdmissionGate, FairPool, MicroBatcher
 from service.config import ServiceConfig
 from service.features import FeatureCache, classes_digest, load_persisted, persist
+from service.guard import APIError
 
 ZERO_SHOT_PHRASE = "a photo of a"  # the global prompt until one is published (version 0)
+log = logging.getLogger("promptfolio.service")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,13 @@ class Engine:
         # one writer at a time inside the service: a write's check and its commit see the same state
         self.write_lock = threading.RLock()
         self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers)
-        self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images)
+        self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
+                                    cfg.admission_deadline_s)
+        self.decode_pool = FairPool(cfg.decode_threads)
+        self.admission = AdmissionGate(cfg.admission_deadline_s)
+        self.image_limits = image_io.ImageLimits(
+            cfg.max_image_pixels, cfg.max_decoded_pixels, cfg.max_image_side, cfg.max_image_aspect,
+            cfg.max_resized_pixels, self.encoder.image_size)
 
     # ---- text side ----------------------------------------------------------------------
     def features(self, tenant: str | None, sha256: str, classes: list[str],
@@ -146,10 +159,32 @@ class Engine:
                           hit_g and hit_l, s)
 
     # ---- classification -----------------------------------------------------------------
+    async def classify(self, tenant: str, images: list[tuple[bytes, str]], top_k: int,
+                       theta: float | None = None) -> dict:
+        """Decode (fairly, bounded per image) -> encode (batched fairly between tenants) -> rank."""
+        view = await asyncio.to_thread(self.view, tenant, theta)  # a bad θ is a 400 before any decode
+        metrics.count_cache(view.cache_hit)
+        pool, limits = self.decode_pool, self.image_limits
+        probed = await asyncio.gather(*[pool.run(tenant, functools.partial(image_io.probe, data, name, limits))
+                                        for data, name in images])  # every header checked before decoding
+        tensors = await asyncio.gather(*[
+            pool.run(tenant, functools.partial(image_io.decode_probed, p, self.encoder.preprocess,
+                                               limits.target_size), heavy=not p.light) for p in probed])
+        feats = await self.batcher.encode(torch.stack(tensors), key=tenant)
+        ranked = self.rank(view, feats, top_k)
+        return {"tenant": tenant, **view.summary(),
+                "predictions": [{"file": name, "top": top} for (_, name), top in zip(images, ranked)]}
+
     def rank(self, view: TenantView, image_features: torch.Tensor, top_k: int) -> list[list[dict]]:
         """`[B, D]` -> per image the top-k (label, score) with softmax scores over the tenant's classes."""
         text = view.t_global if view.t_local is None else portfolio.mix(view.t_global, view.t_local, view.theta)
         probs = portfolio.logits(image_features, text, self.encoder.model.logit_scale.detach().cpu()).softmax(dim=-1)
+        if not torch.isfinite(probs).all():  # never a null score: a prompt whose features overflow
+            log.error("non-finite scores for tenant %s (global v%s, local v%s)", view.tenant, view.global_version,
+                      view.local_version)
+            raise APIError(409, f"tenant {view.tenant!r}: the current prompts (global v{view.global_version}, "
+                                f"local v{view.local_version}) give non-finite scores; upload a new local prompt "
+                                "or roll back")
         k = min(top_k, len(view.classes))
         scores, idx = probs.topk(k, dim=-1)
         return [[{"label": view.classes[i], "score": round(float(s), 6)} for s, i in zip(srow, irow)]

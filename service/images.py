@@ -1,16 +1,31 @@
-"""Decode untrusted image bytes into model input, refusing what is not a reasonable image."""
+"""Decode untrusted image bytes into model input, bounding the work before any pixel is decoded.
+
+`probe` reads only the header and refuses what would be expensive: a side over the limit, an
+extreme aspect ratio, too many input pixels, too many pixels held after the (reduced-size)
+decode, and too many pixels produced by the resize to the encoder's size (the resize scales the
+short side *up* to the target, so a 1×80,000 strip would become 224×17.9 M). `decode` then
+decodes at reduced size where the format allows (JPEG DCT scaling via `draft`), shrinks by an
+integer box filter in the image's own mode before converting to RGB (a 1-bit or grey image never
+exists as full-size RGB), applies the EXIF orientation and runs the encoder's own preprocess.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
 ALLOWED_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/gif",
                          "application/octet-stream"}
+LIGHT_PIXELS = 1 << 20  # decodes up to this many pixels are "light" for the fair decode scheduler
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
 
 class ImageError(ValueError):
@@ -21,14 +36,71 @@ class ImageError(ValueError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int  # input pixels
+    max_decoded_pixels: int  # pixels in memory after the reduced-size decode
+    max_side: int
+    max_aspect: float
+    max_resized_pixels: int  # pixels the resize to `target_size` produces
+    target_size: int  # the encoder's input side
+
+
+@dataclass
+class Probed:
+    """An opened (not yet decoded) image that passed the limits, with what decoding it will cost."""
+
+    image: Image.Image | None  # None once handed to the decoder, so the full-size pixels do not linger
+    name: str
+    decoded_pixels: int
+
+    @property
+    def light(self) -> bool:
+        return self.decoded_pixels <= LIGHT_PIXELS
+
+
 def check_content_type(content_type: str | None, name: str) -> None:
     kind = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if kind not in ALLOWED_CONTENT_TYPES:
         raise ImageError(f"{name}: content type {kind!r} is not an image (send JPEG or PNG)", status=415)
 
 
-def decode(data: bytes, name: str, preprocess, max_pixels: int, target_size: int) -> torch.Tensor:
-    """bytes -> float `[3, H, W]` via the encoder's own preprocess."""
+def _draft_scale(fmt: str, w: int, h: int, target: int) -> int:
+    """The factor libjpeg's DCT scaling will shrink by (1, 2, 4 or 8; the short side stays >= target)."""
+    if fmt != "JPEG":
+        return 1
+    scale = 1
+    while scale < 8 and min(w, h) // (scale * 2) >= target:
+        scale *= 2
+    return scale
+
+
+def _check_geometry(name: str, fmt: str, w: int, h: int, limits: ImageLimits) -> int:
+    """Refuses (413) what would be costly, from the header alone; returns the pixels the decode holds."""
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    if max(w, h) > limits.max_side:
+        raise ImageError(f"{name}: {w}x{h} exceeds the limit of {limits.max_side} pixels per side", status=413)
+    aspect = max(w, h) / min(w, h)
+    if aspect > limits.max_aspect:
+        raise ImageError(f"{name}: {w}x{h} has an aspect ratio of {aspect:.0f}:1, over the limit of "
+                         f"{limits.max_aspect:g}:1", status=413)
+    if w * h > limits.max_pixels:
+        raise ImageError(f"{name}: {w}x{h} pixels exceeds the limit of {limits.max_pixels}", status=413)
+    scale = _draft_scale(fmt, w, h, limits.target_size)
+    decoded = math.ceil(w / scale) * math.ceil(h / scale)
+    if decoded > limits.max_decoded_pixels:
+        raise ImageError(f"{name}: {w}x{h} {fmt} decodes to {decoded} pixels, over the limit of "
+                         f"{limits.max_decoded_pixels} (JPEG may be larger: it decodes at reduced size)", status=413)
+    resized = limits.target_size * math.ceil(limits.target_size * aspect)
+    if resized > limits.max_resized_pixels:
+        raise ImageError(f"{name}: resizing {w}x{h} to the encoder's {limits.target_size} px would produce "
+                         f"{resized} pixels, over the limit of {limits.max_resized_pixels}", status=413)
+    return decoded
+
+
+def probe(data: bytes, name: str, limits: ImageLimits) -> Probed:
+    """Open the header and check every limit; no pixel is decoded."""
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
@@ -37,16 +109,63 @@ def decode(data: bytes, name: str, preprocess, max_pixels: int, target_size: int
             img = Image.open(io.BytesIO(data))
             if img.format not in ALLOWED_FORMATS:
                 raise ImageError(f"{name}: unsupported image format {img.format}", status=415)
-            w, h = img.size  # read from the header, before any pixel is decoded
-            if w * h > max_pixels:
-                raise ImageError(f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels}", status=413)
+            w, h = img.size
+            decoded = _check_geometry(name, img.format, w, h, limits)
             if img.format == "JPEG":
-                img.draft("RGB", (target_size, target_size))  # libjpeg downscales while decoding (>= target)
-            img = img.convert("RGB")
+                img.draft("RGB", (limits.target_size, limits.target_size))  # DCT scaling while decoding
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: not a decodable image") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name}: corrupt image ({e})") from None
+    return Probed(img, name, decoded)
+
+
+def _shrink_native(img: Image.Image, target: int) -> Image.Image:
+    """Integer box-reduce in the image's own mode until the short side is within 2x of the target.
+
+    Hand-written because `preprocess` (torchvision Resize, antialiased) would first need full-size
+    RGB; a box reduce then the antialiased bicubic resize gives the same picture within a grey level.
+    """
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    factor = min(img.size) // target
+    if factor >= 2:
+        img = img.reduce(factor)
+    return img
+
+
+def decode_probed(probed: Probed, preprocess, target_size: int) -> torch.Tensor:
+    """A probed image -> float `[3, H, W]` via the encoder's own preprocess."""
+    name = probed.name
+    img, probed.image = probed.image, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # phones store rotation in EXIF, not in pixels
+            img = _shrink_native(img, target_size).convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: not a decodable image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"{name}: corrupt image ({e})") from None
     return preprocess(img)
+
+
+def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of `threshold` bytes and more with mmap, so they go back to the OS when freed.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), after which a large
+    image's buffers come from the heap and stay resident: tens of MiB per decode thread after one
+    big image. A fixed threshold turns that off. Process-wide: the service calls it once at start.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt is not None and mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+
+
+def decode(data: bytes, name: str, preprocess, limits: ImageLimits) -> torch.Tensor:
+    """bytes -> float `[3, H, W]`: `probe` then `decode_probed`."""
+    return decode_probed(probe(data, name, limits), preprocess, limits.target_size)

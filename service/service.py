@@ -15,7 +15,12 @@ import logging
 
 import bentoml
 
+from service import connections
+
 log = logging.getLogger("promptfolio.service")
+# header/body read timeouts and a connection cap (uvicorn has none); the worker imports this module
+# before it builds its uvicorn server, so the guarded protocol is the one that server uses
+connections.install()
 
 
 class LazyASGIApp:
@@ -41,12 +46,15 @@ app = LazyASGIApp()
 @bentoml.asgi_app(app, path="/v1")
 class PromptFolio:
     def __init__(self) -> None:
+        from service import images
         from service.api import create_app
         from service.config import ServiceConfig
         from service.engine import Engine
 
         cfg = ServiceConfig.from_env()
         self.engine = Engine(cfg)
+        connections.configure(cfg)
+        images.return_large_buffers_to_the_os()  # a large image's decode buffers do not stay resident
         api = create_app()
         api.state.engine = self.engine
         app.app = api
@@ -59,3 +67,4 @@ class PromptFolio:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.engine.batcher.close()
+        self.engine.decode_pool.close()

@@ -1,0 +1,127 @@
+"""Slow clients: header and body read timeouts and a cap on open connections, at the HTTP protocol.
+
+BentoML 1.4 passes only `backlog`, `timeout_keep_alive` and `timeout_graceful_shutdown` through
+to uvicorn, and uvicorn itself has no header or body read timeout: a client that trickles its
+headers is never closed (its first byte cancels the keep-alive timer), and nothing bounds how
+many such connections are held. An ASGI app cannot help, since it sees a request only once its
+headers are complete. So the worker swaps uvicorn's "auto" HTTP protocol (httptools) for this
+subclass, which adds the three limits and takes its keep-alive from ServiceConfig.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from service.config import ServiceConfig
+
+log = logging.getLogger("promptfolio.service")
+ARRIVED = "promptfolio.arrived"  # scope["state"] key: loop.time() when the request's bytes arrived
+_settings = ServiceConfig()  # replaced by `configure` when the service starts
+
+
+def configure(cfg: ServiceConfig) -> None:
+    global _settings
+    _settings = cfg
+
+
+def _kernel_idle_s(transport: asyncio.Transport) -> float | None:
+    """Seconds since the kernel last received data on this connection (Linux TCP_INFO
+    tcpi_last_data_recv), i.e. how long a request's bytes have waited, the accept queue included."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, 52)[0] / 1000
+    except (OSError, AttributeError, struct.error, TypeError):
+        return None
+
+
+def _reply_and_close(transport: asyncio.Transport, status: int, reason: str, message: str) -> None:
+    body = ('{"error": "%s"}' % message).encode()
+    retry = "retry-after: 1\r\n" if status == 503 else ""
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"{retry}connection: close\r\n\r\n").encode()
+    if not transport.is_closing():
+        transport.write(head + body)
+        transport.close()
+
+
+def install() -> bool:
+    """Make uvicorn's 'auto' protocol the guarded one (call before the server starts; False if unsupported)."""
+    try:
+        from uvicorn.protocols.http import auto
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn falls back to h11, which this does not extend
+        log.warning("httptools is not installed: no header/body read timeouts or connection cap")
+        return False
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        """httptools protocol + header timeout, body timeout, connection cap (idle ones closed first)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.cfg = _settings
+            self.timeout_keep_alive = self.cfg.keep_alive_s
+            self._read_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self, seconds: float, what: str) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(seconds, self._read_timed_out, what)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self, what: str) -> None:
+            self._read_timer = None
+            if self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started:
+                self.transport.close()  # the app is answering; the client stopped reading or sending
+                return
+            _reply_and_close(self.transport, 408, "Request Timeout", f"the request {what} did not arrive in time")
+
+        def _idle(self) -> bool:
+            return self._read_timer is None and (self.cycle is None or self.cycle.response_complete)
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            cfg = self.cfg
+            if len(self.connections) > cfg.max_connections:
+                for other in [c for c in self.connections if c is not self and getattr(c, "_idle", None)]:
+                    if other._idle():
+                        other.transport.close()
+                        self.connections.discard(other)
+                        if len(self.connections) <= cfg.max_connections:
+                            break
+            if len(self.connections) > cfg.max_connections:
+                _reply_and_close(transport, 503, "Service Unavailable", "too many open connections")
+                return
+            self._arm(cfg.header_timeout_s, "headers")  # also bounds a connection that sends nothing
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm(self.cfg.header_timeout_s, "headers")
+
+        def on_headers_complete(self) -> None:
+            idle = _kernel_idle_s(self.transport)  # the admission gate counts the wait before the app
+            if idle is not None:
+                self.scope["state"][ARRIVED] = self.loop.time() - idle
+            super().on_headers_complete()
+            self._arm(self.cfg.body_timeout_s, "body")
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            self._disarm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    auto.AutoHTTPProtocol = GuardedHttpToolsProtocol
+    return True
