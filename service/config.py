@@ -7,8 +7,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from promptfolio.encoder import parse_pretrained
-
 ENV_PREFIX = "PROMPTFOLIO_"
 
 
@@ -57,6 +55,8 @@ class ServiceConfig(BaseModel):
     @field_validator("pretrained", mode="before")
     @classmethod
     def _pretrained(cls, v):
+        from promptfolio.encoder import parse_pretrained  # torch: not in the supervisor, which imports this
+
         return parse_pretrained(v)
 
     def resolved_device(self) -> str:
