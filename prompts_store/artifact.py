@@ -50,6 +50,8 @@ class PromptMeta(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     producer: str = Field(default="unknown", max_length=200)
     content_sha256: str = ""
+    global_sha256: str | None = None  # local prompts: content hash of the global prompt trained with
+    global_version: int | None = None  # ... and its store version, when known
 
     @field_validator("theta")
     @classmethod

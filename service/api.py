@@ -14,11 +14,11 @@ import torch
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prompts_store.artifact import ArtifactError
+from prompts_store.artifact import ArtifactError, artifact_bytes
 from prompts_store.store import StoreError, UnknownTenant, hash_key, key_tenant
 from service import images as image_io
 from service import metrics
@@ -196,6 +196,25 @@ def create_app() -> FastAPI:
         meta = await run_in_threadpool(engine.store.put_bytes, data, None, "upload",
                                        engine.cfg.max_upload_bytes)
         return {"version": meta.version, "content_sha256": meta.content_sha256, "n_ctx": meta.n_ctx}
+
+    @app.get("/global/prompt")
+    def download_global(request: Request) -> Response:
+        """The current global prompt artifact, for a late joiner to personalize against (any valid
+        tenant key or the admin key); its version and content hash also in headers."""
+        engine, key = engine_of(request), _presented_key(request)
+        if key is None:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <tenant key>'")
+        owner = key_tenant(key)
+        if not _is_admin(engine, key) and (owner is None or not engine.store.verify_key(owner, key)):
+            raise APIError(401, "invalid API key")
+        stored = engine.store.load(None)
+        if stored is None:
+            raise APIError(404, "no global prompt has been published yet (the service uses the hand prompt "
+                                "'a photo of a' until one is)")
+        return Response(artifact_bytes(stored.ctx, stored.meta), media_type="application/octet-stream",
+                        headers={"X-Prompt-Version": str(stored.meta.version),
+                                 "X-Content-SHA256": stored.meta.content_sha256,
+                                 "Content-Disposition": f'attachment; filename="global-v{stored.meta.version}.safetensors"'})
 
     @app.post("/global/rollback", dependencies=[Depends(require_admin)])
     def rollback_global(request: Request, body: Rollback) -> dict:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -124,7 +125,7 @@ def test_data_errors_are_clear(tmp_path):
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="contains no images"):
         read_imagefolder(tmp_path / "noimg")
-    (tmp_path / "noimg" / "cat" / "a.png").write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "noimg" / "cat" / "a.png")
     with pytest.raises(DataError, match="not among the 2 classes"):
         read_imagefolder(tmp_path / "noimg", classes=["dog", "bird"])
     # classes absent at a client are fine: labels index into the federation's list
@@ -148,7 +149,7 @@ def test_cli_refuses_bad_runs_without_traceback(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_encoder(run_dir):
-    from training.server_app import load_checkpoint
+    from training.outputs import load_checkpoint
 
     cfg = TrainConfig(out_dir=run_dir, resume=True)
     with pytest.raises(ValueError, match="cannot resume: the checkpoint .* was made for encoder"):
