@@ -23,6 +23,8 @@ FLAGS = {
     "beta": ("beta", float, "Dirichlet concentration over labels"),
     "shift": ("shift", str, "synthetic styles: own (each client its own) | shared (all one) | none; "
                             "unset: own in the embedded world, none for --data FOLDER"),
+    "train-fraction": ("train_fraction", float, "share of each client's images for training"),
+    "val-fraction": ("val_fraction", float, "share for validation (θ choice); the rest is the test split"),
     "seed": ("seed", int, "seed for data, partition and training"),
     "out": ("out_dir", str, "output folder"),
     "publish-store": ("publish_store", str, "also store the final global prompt in this prompts store"),
@@ -109,7 +111,7 @@ def add_commands(sub) -> None:
                         "the tenant key in PROMPTFOLIO_KEY")
     p.add_argument("--data", required=True, help="your image folder: one sub-folder of images per class")
     p.add_argument("--out", required=True, help="the local prompt artifact to write (.safetensors)")
-    p.add_argument("--epochs", type=int, default=50, help="training epochs over the train split (default 50)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs over the train split (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split and training")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out instead of refusing")
     p.add_argument("--tenant", help="tenant id recorded in the artifact (and uploaded to with --upload)")

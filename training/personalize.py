@@ -92,7 +92,7 @@ def _accuracy(feats: Features, text: torch.Tensor) -> float:
 
 
 def personalize(global_artifact: str | Path | bytes, data: str | Path, out: str | Path, *, tenant: str = "local",
-                arch: str = "embedded", pretrained: str | None = "embedded", epochs: int = 50,
+                arch: str = "embedded", pretrained: str | None = "embedded", epochs: int = 20,
                 train_theta: float = portfolio.DEFAULT_THETA, seed: int = 0, skip_bad_images: bool = False,
                 config: TrainConfig | None = None, encoder: Encoder | None = None,
                 progress: Callable[[str], None] | None = None) -> PersonalizeResult:
