@@ -50,7 +50,7 @@ def test_late_joiner_personalizes_uploads_and_the_classifier_equals_the_service(
 
     out = tmp_path / "local.safetensors"
     r = subprocess.run([sys.executable, "-m", "promptfolio.cli", "personalize", "--global", url, "--data", str(folder),
-                        "--out", str(out), "--epochs", "30", "--tenant", "late", "--upload", url], cwd=REPO,
+                        "--out", str(out), "--epochs", "20", "--tenant", "late", "--upload", url], cwd=REPO,
                        env=dict(os.environ, PROMPTFOLIO_KEY=key), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     before, theta, after = re.search(r"global prompt alone ([\d.]+)% -> personalized \(θ=([\d.]+)\) ([\d.]+)%",

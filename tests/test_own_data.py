@@ -65,6 +65,20 @@ def test_folder_conventions_nested_empty_corrupt_hidden_and_exif(folder):
     assert [p.endswith("broken.jpg") for p in read.skipped] == [True] and len(read.paths) == 6 * 12 + 1
 
 
+def test_the_data_plan_round_trips_through_plan_json(folder, tmp_path):
+    from training.config import TrainConfig
+    from training.data import build_plan
+
+    cfg = TrainConfig(data=str(folder), num_clients=2, beta=5.0, seed=3)
+    plan = build_plan(cfg)
+    plan.write(tmp_path / "plan.json")
+    assert DataPlan.read(tmp_path / "plan.json") == plan
+    assert cfg.style_shift == "none" and TrainConfig().style_shift == "own"
+    assert {tuple(s) for c in plan.clients for s in c.train.styles} == {("clean", 0.0)}
+    styled = build_plan(cfg.model_copy(update={"shift": "shared"}))  # asked for explicitly: applied
+    assert {tuple(s)[0] for c in styled.clients for s in c.train.styles} == {"blur"}
+
+
 def train_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "promptfolio.cli", "train", "--clients", "2", "--local-epochs", "1",
                            "--beta", "5", *args], cwd=REPO,

@@ -165,3 +165,20 @@ def test_a_client_without_training_samples_fails_clearly(embedded_encoder):
     with pytest.raises(ValueError, match="no training samples"):
         local_train(embedded_encoder, ClassPrompts(embedded_encoder, ["a", "b"], 4), empty,
                     {"promptfolio-0.4": initial_context(embedded_encoder, cfg, 0)}, state, specs, cfg, seed=0)
+
+
+def test_a_frozen_global_prompt_stays_fixed_while_the_local_prompt_learns(embedded_encoder):
+    cfg = TrainConfig(methods=["promptfolio"], local_epochs=2)
+    specs = cfg.method_specs
+    prompts = ClassPrompts(embedded_encoder, ["red circle", "blue star", "green cross"], cfg.n_ctx)
+    gen = torch.Generator().manual_seed(0)
+    data = Features(torch.nn.functional.normalize(torch.randn(20, embedded_encoder.embed_dim, generator=gen), dim=-1),
+                    torch.randint(0, 3, (20,), generator=gen))
+    state = ClientState()
+    ensure_local(state, specs, embedded_encoder, cfg, seed=0)
+    start = state.local["promptfolio-0.4"].clone()
+    g = {"promptfolio-0.4": initial_context(embedded_encoder, cfg, seed=0) + 0.01}
+    g_before = g["promptfolio-0.4"].clone()
+    updated, losses = local_train(embedded_encoder, prompts, data, g, state, specs, cfg, seed=1, frozen_global=True)
+    assert updated == {} and torch.equal(g["promptfolio-0.4"], g_before) and losses["promptfolio-0.4"] > 0
+    assert not torch.allclose(state.local["promptfolio-0.4"], start)

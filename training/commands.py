@@ -48,7 +48,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.model_validate(fields)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
+                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
         raise ValueError(f"invalid training configuration: {problems}") from None
     return main_simulation(cfg, sys.argv[1:], args.network)
 
