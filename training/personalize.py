@@ -19,7 +19,7 @@ from promptfolio import portfolio
 from promptfolio.encoder import Encoder, load_encoder
 from promptfolio.prompts import ClassPrompts, init_context, phrase_embedding
 from prompts_store.artifact import ArtifactError, PromptMeta, artifact_bytes, read_artifact
-from prompts_store.store import atomic_write
+from prompts_store.store import atomic_write, validate_tenant_id
 from training import data as data_mod
 from training.config import Method, TrainConfig
 from training.task import ClientState, Features, local_train
@@ -106,6 +106,7 @@ def personalize(global_artifact: str | Path | bytes, data: str | Path, out: str 
     local epochs, as one run with one cosine schedule.
     """
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    validate_tenant_id(tenant)  # before any work: the artifact must name a valid tenant
     cfg = (config or TrainConfig()).model_copy(update={"local_epochs": epochs})
     encoder = encoder or load_encoder(arch, pretrained)
     raw = global_artifact if isinstance(global_artifact, bytes) else Path(global_artifact).read_bytes()
