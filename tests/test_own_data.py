@@ -45,6 +45,8 @@ def test_folder_conventions_nested_empty_corrupt_hidden_and_exif(folder):
     (nested / "phone.jpg").write_bytes(exif_rotated_jpeg())
     (folder / first / "._phone.jpg").write_bytes(b"\x00\x05\x16\x07")  # a macOS fork: hidden, not an image
     (folder / first / "notes.txt").write_text("not an image")
+    (folder / first / ".thumbnails").mkdir()
+    (folder / first / ".thumbnails" / "t.png").write_bytes(b"cache, not a photo")
     read = read_imagefolder(folder)
     assert len(read.paths) == 6 * 12 + 1 and read.classes == sorted(world.CLASS_NAMES[:6])
     assert read.labels[read.paths.index(str(nested / "phone.jpg"))] == read.classes.index(first)

@@ -81,8 +81,10 @@ def read_imagefolder(root: str | Path, classes: list[str] | None = None, check: 
     unknown = [f for f in folders if f not in names]
     if unknown:
         raise DataError(f"data folder {root} has folders that are not among the {len(names)} classes: {unknown[:5]}")
-    samples = make_dataset(str(root), {f: names.index(f) for f in folders}, is_valid_file=is_image_file,
-                           allow_empty=True)
+    def wanted(path: str) -> bool:  # an image, not inside a hidden folder (.thumbnails, .git, ...)
+        return is_image_file(path) and not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
+    samples = make_dataset(str(root), {f: names.index(f) for f in folders}, is_valid_file=wanted, allow_empty=True)
     skipped = check_images([p for p, _ in samples], skip_bad) if check else []
     left_out = set(skipped)
     samples = [(p, y) for p, y in samples if p not in left_out]
