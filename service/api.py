@@ -214,7 +214,8 @@ def create_app() -> FastAPI:
         return Response(artifact_bytes(stored.ctx, stored.meta), media_type="application/octet-stream",
                         headers={"X-Prompt-Version": str(stored.meta.version),
                                  "X-Content-SHA256": stored.meta.content_sha256,
-                                 "Content-Disposition": f'attachment; filename="global-v{stored.meta.version}.safetensors"'})
+                                 "Content-Disposition":
+                                     f'attachment; filename="global-v{stored.meta.version}.safetensors"'})
 
     @app.post("/global/rollback", dependencies=[Depends(require_admin)])
     def rollback_global(request: Request, body: Rollback) -> dict:

@@ -93,7 +93,8 @@ def read_imagefolder(root: str | Path, classes: list[str] | None = None, check: 
     empty = sorted(set(folders) - {names[y] for _, y in samples})
     if empty:
         raise DataError(f"class folders without images in {root}: {', '.join(empty[:10])}"
-                        f"{' …' if len(empty) > 10 else ''}; add images ({', '.join(IMAGE_EXTENSIONS)}) or remove them")
+                        f"{' …' if len(empty) > 10 else ''}; add images ({', '.join(IMAGE_EXTENSIONS)}) "
+                        f"or remove them")
     return ImageFolder(str(root), names, [p for p, _ in samples], [y for _, y in samples], skipped)
 
 
@@ -203,8 +204,8 @@ def build_plan(cfg) -> DataPlan:
     clients = []
     for pid, idx in enumerate(parts):
         style = style_for(pid, cfg)
-        splits = [Split(paths=[source.paths[i] for i in s], labels=[source.labels[i] for i in s], styles=[style] * len(s))
-                  for s in split_three(idx, cfg.train_fraction, cfg.val_fraction, rng)]
+        splits = [Split(paths=[source.paths[i] for i in s], labels=[source.labels[i] for i in s],
+                        styles=[style] * len(s)) for s in split_three(idx, cfg.train_fraction, cfg.val_fraction, rng)]
         if len(splits[0].paths) == 0:
             raise DataError(f"client {pid} got no training images; use more images or fewer clients")
         clients.append(ClientPlan(partition=pid, style=style, train=splits[0], val=splits[1], test=splits[2],

@@ -87,7 +87,8 @@ def local_train(encoder: Encoder, prompts: ClassPrompts, data: Features, globals
     frozen = [m.key for m in trained if m.trains_global and frozen_global]
     if frozen:
         with torch.no_grad():
-            fixed = dict(zip([(k, "global") for k in frozen], prompts.encode_many(torch.stack([globals_[k] for k in frozen]))))
+            feats = prompts.encode_many(torch.stack([globals_[k] for k in frozen]))  # [K, C, D]
+            fixed = {(k, "global"): f for k, f in zip(frozen, feats)}
     order = list(params)
     opt = torch.optim.SGD(list(params.values()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(data.y)
