@@ -98,7 +98,7 @@ def table(setting: str, rows: dict, n_seeds: int) -> str:
 
 def plots(setting: str, runs: list[dict], rows: dict, out: Path) -> None:
     from training.plots import accuracy_per_round, accuracy_vs_theta
-    from training.server_app import method_means
+    from training.outputs import method_means
 
     by_method: dict[str, list[tuple[int, float, float]]] = {}
     n_rounds = len(runs[0]["rounds"])
