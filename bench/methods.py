@@ -1,6 +1,6 @@
 """Benchmark of the federated methods on the embedded world (a script, not a test).
 
-    .venv/bin/python bench/methods.py [--seeds 5] [--rounds 20] [--out runs/bench-methods]
+    .venv/bin/python bench/methods.py [--seeds 5] [--rounds 20] [--recipe official] [--out runs/bench-methods]
 
 For β in {0.1, 0.5} and two shift settings (each client its own style; all clients one shared
 style), 10 clients, every method trains side by side in one Flower run per seed (paired data).
@@ -33,7 +33,7 @@ ORDER = METHODS.split(",")
 def run_one(out: Path, beta: float, shift: str, seed: int, args) -> dict:
     cmd = [sys.executable, "-m", "promptfolio.cli", "train", "--network", "host", "--methods", METHODS,
            "--clients", str(args.clients), "--rounds", str(args.rounds), "--beta", str(beta), "--shift", shift,
-           "--seed", str(seed), "--out", str(out)]
+           "--seed", str(seed), "--recipe", args.recipe, "--out", str(out)]
     start = time.time()
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def table(setting: str, rows: dict, n_seeds: int) -> str:
 
 def plots(setting: str, runs: list[dict], rows: dict, out: Path) -> None:
     from training.plots import accuracy_per_round, accuracy_vs_theta
-    from training.server_app import method_means
+    from training.outputs import method_means
 
     by_method: dict[str, list[tuple[int, float, float]]] = {}
     n_rounds = len(runs[0]["rounds"])
@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--betas", default="0.1,0.5")
     parser.add_argument("--shifts", default="own,shared")
+    parser.add_argument("--recipe", choices=["ours", "official"], default="ours",
+                        help="official: the paper's settings where ours differ (promptfolio train --recipe)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-methods"))
     args = parser.parse_args()
     if not in_private_netns():  # Ray stays on loopback inside a private network namespace

@@ -40,7 +40,7 @@ import psutil  # noqa: E402
 from promptfolio import portfolio  # noqa: E402
 from promptfolio.embedded import world  # noqa: E402
 from promptfolio.encoder import load_encoder  # noqa: E402
-from promptfolio.prompts import ClassPrompts, init_context  # noqa: E402
+from promptfolio.prompts import ZERO_SHOT_PHRASE, ClassPrompts, init_context  # noqa: E402
 from prompts_store.artifact import PromptMeta, artifact_bytes  # noqa: E402
 from prompts_store.store import PromptStore  # noqa: E402
 from service.backends import OnnxImageBackend, TorchImageBackend  # noqa: E402
@@ -84,7 +84,7 @@ def raw_encoder(encoder, onnx_dir: Path, seconds: float) -> dict:
 def naive_baseline(encoder, images: list[bytes], n: int) -> float:
     """Per request: text encoder over both prompts for all classes, then one image."""
     prompts = ClassPrompts(encoder, CLASS_NAMES, 4)
-    g = init_context(encoder, phrase="a photo of a")
+    g = init_context(encoder, phrase=ZERO_SHOT_PHRASE)
     loc = init_context(encoder, n_ctx=4, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with torch.no_grad():

@@ -43,6 +43,14 @@ def logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scal
     return scale * F.normalize(image_features, dim=-1) @ text_features.T
 
 
+def class_probabilities(image_features: torch.Tensor, t_global: torch.Tensor, t_local: torch.Tensor | None,
+                        theta: float, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """image `[B, D]` -> softmax over the classes `[B, C]`: the global branch alone when there is no
+    local prompt, else the portfolio mix at θ (what serving and `Classifier.predict` answer)."""
+    text = t_global if t_local is None else mix(t_global, t_local, theta)
+    return logits(image_features, text, logit_scale).softmax(dim=-1)
+
+
 @dataclass(frozen=True)
 class ThetaChoice:
     theta: float

@@ -17,6 +17,7 @@ from promptfolio.encoder import Encoder
 
 PLACEHOLDER = "X"
 CTX_INIT_STD = 0.02
+ZERO_SHOT_PHRASE = "a photo of a"  # the hand prompt "a photo of a {class}." and the default context init
 
 
 class ClassPrompts:

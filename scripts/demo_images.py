@@ -1,5 +1,8 @@
 """Demo helper: export a simulated client's test images as PNG files, and score classify answers.
 
+The exported images are the very ones the client was evaluated on: the same plan, the same
+style and the same per-image style noise (`style_seed`) as training.
+
     python scripts/demo_images.py export RUN_DIR PARTITION OUT_DIR N
     curl ... | python scripts/demo_images.py score OUT_DIR
 """
@@ -12,22 +15,23 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.data import load_split
+from training.data import DataPlan, load_split, style_seed
 
 
 def export(run_dir: str, partition: int, out_dir: str, n: int) -> None:
-    plan = json.loads((Path(run_dir) / "plan.json").read_text())
-    split = plan["clients"][partition]["test"]
-    split = {k: v[:n] for k, v in split.items()}
+    plan = DataPlan.read(Path(run_dir) / "plan.json")
+    test = plan.clients[partition].test
+    first = test.model_copy(update={k: getattr(test, k)[:n] for k in ("paths", "labels", "styles")})
+    images = load_split(first, style_seed(plan.seed, partition, "test"))  # style noise is seeded per position
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = {}
-    for i, image in enumerate(load_split(split, seed=partition)):
+    for i, image in enumerate(images):
         name = f"{i:03d}.png"
         Image.fromarray(image).save(out / name)
-        labels[name] = plan["classes"][split["labels"][i]]
+        labels[name] = plan.classes[test.labels[i]]
     (out / "labels.json").write_text(json.dumps(labels, indent=1))
-    style = plan["clients"][partition]["style"]
+    style = plan.clients[partition].style
     print(f"{len(labels)} test images of client-{partition} (style {style[0]} at strength {style[1]}) in {out}")
 
 

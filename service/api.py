@@ -11,17 +11,17 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prompts_store.artifact import ArtifactError
+from prompts_store.artifact import ArtifactError, artifact_bytes
 from prompts_store.errors import StoreError, UnknownGlobal, UnknownTenant
 from service import images as image_io
 from service import metrics, writes
 from service.batcher import Overloaded
 from service.engine import Engine, TenantView
-from service.guard import APIError, RequestGuard, check_admin, check_tenant, presented_key
+from service.guard import APIError, RequestGuard, check_admin, check_member, check_tenant, presented_key
 
 
 THETA_OVERRIDE = ("Per-request θ in [0, 1] (default: the tenant's setting, else the θ its local artifact was "
@@ -187,6 +187,22 @@ def create_app() -> FastAPI:
         result = await run_in_threadpool(writes.publish_global, engine, data)
         return {"version": result.meta.version, "content_sha256": result.meta.content_sha256,
                 "n_ctx": result.meta.n_ctx, "notes": result.notes}
+
+    @app.get("/global/prompt")
+    def download_global(request: Request) -> Response:
+        """The current global prompt artifact, for a late joiner to personalize against (any valid
+        tenant key or the admin key); its version and content hash also in headers."""
+        engine = engine_of(request)
+        check_member(engine, presented_key(request.headers))
+        stored = engine.store.load(None)
+        if stored is None:
+            raise APIError(404, "no global prompt has been published yet (the service uses the hand prompt "
+                                "'a photo of a' until one is)")
+        return Response(artifact_bytes(stored.ctx, stored.meta), media_type="application/octet-stream",
+                        headers={"X-Prompt-Version": str(stored.meta.version),
+                                 "X-Content-SHA256": stored.meta.content_sha256,
+                                 "Content-Disposition":
+                                     f'attachment; filename="global-v{stored.meta.version}.safetensors"'})
 
     @app.post("/global/rollback", dependencies=[Depends(require_admin)])
     def rollback_global(request: Request, body: Rollback) -> dict:

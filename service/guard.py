@@ -75,20 +75,31 @@ def check_tenant(engine: Engine, key: str | None, tenant: str) -> str:
     return tenant
 
 
+def check_member(engine: Engine, key: str | None) -> None:
+    """The admin key or any tenant's valid key (401 otherwise)."""
+    if key is None:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <tenant or admin key>'")
+    owner = key_tenant(key)
+    if not is_admin(engine, key) and (owner is None or not engine.store.verify_key(owner, key)):
+        raise APIError(401, "invalid API key")
+
+
 @dataclass(frozen=True)
 class Access:
     """What a route needs from the caller, and which body limit applies to it."""
 
-    who: Literal["public", "admin", "tenant"]
+    who: Literal["public", "admin", "tenant", "member"]  # member: the admin key or any tenant's valid key
     body: Literal["json", "upload", "classify"]
     tenant: str | None = None
 
 
-def route_access(path: str) -> Access:
+def route_access(path: str, method: str = "POST") -> Access:
     """The API's route table as the guard sees it (paths relative to the API root, /v1)."""
     parts = [p for p in path.split("/") if p]
     if parts == ["tenants"]:
         return Access("admin", "json")
+    if parts == ["global", "prompt"] and method == "GET":  # a late joiner reads the global it trains against
+        return Access("member", "json")
     if len(parts) == 2 and parts[0] == "global":
         return Access("admin", "upload" if parts[1] == "prompt" else "json")
     if parts[:1] == ["tenants"] and len(parts) in (2, 3):
@@ -113,6 +124,8 @@ def _authorize(engine: Engine, access: Access, key: str | None) -> None:
         check_admin(engine, key)
     elif access.who == "tenant":
         check_tenant(engine, key, access.tenant or "")
+    elif access.who == "member":
+        check_member(engine, key)
 
 
 class _BodyTooLarge(Exception):
@@ -131,7 +144,7 @@ class RequestGuard:
             return
         engine: Engine = scope["app"].state.engine
         path, root = scope["path"], scope.get("root_path", "")
-        access = route_access(path[len(root):] if root and path.startswith(root) else path)
+        access = route_access(path[len(root):] if root and path.startswith(root) else path, scope["method"])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         has_body = headers.get("content-length", "0") != "0" or "chunked" in headers.get("transfer-encoding", "")
         limit = body_limit(engine, access)

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -128,7 +129,7 @@ def test_data_errors_are_clear(tmp_path):
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="contains no images"):
         read_imagefolder(tmp_path / "noimg")
-    (tmp_path / "noimg" / "cat" / "a.png").write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "noimg" / "cat" / "a.png")
     with pytest.raises(DataError, match="not among the 2 classes"):
         read_imagefolder(tmp_path / "noimg", classes=["dog", "bird"])
     # classes absent at a client are fine: labels index into the federation's list
@@ -152,7 +153,7 @@ def test_cli_refuses_bad_runs_without_traceback(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_encoder(run_dir):
-    from training.server_app import load_checkpoint
+    from training.outputs import load_checkpoint
 
     cfg = TrainConfig(out_dir=run_dir, resume=True)
     with pytest.raises(ValueError, match="cannot resume: the checkpoint .* was made for encoder"):
@@ -168,3 +169,20 @@ def test_a_client_without_training_samples_fails_clearly(embedded_encoder):
     with pytest.raises(ValueError, match="no training samples"):
         local_train(embedded_encoder, ClassPrompts(embedded_encoder, ["a", "b"], 4), empty,
                     {"promptfolio-0.4": initial_context(embedded_encoder, cfg, 0)}, state, specs, cfg, seed=0)
+
+
+def test_a_frozen_global_prompt_stays_fixed_while_the_local_prompt_learns(embedded_encoder):
+    cfg = TrainConfig(methods=["promptfolio"], local_epochs=2)
+    specs = cfg.method_specs
+    prompts = ClassPrompts(embedded_encoder, ["red circle", "blue star", "green cross"], cfg.n_ctx)
+    gen = torch.Generator().manual_seed(0)
+    data = Features(torch.nn.functional.normalize(torch.randn(20, embedded_encoder.embed_dim, generator=gen), dim=-1),
+                    torch.randint(0, 3, (20,), generator=gen))
+    state = ClientState()
+    ensure_local(state, specs, embedded_encoder, cfg, seed=0)
+    start = state.local["promptfolio-0.4"].clone()
+    g = {"promptfolio-0.4": initial_context(embedded_encoder, cfg, seed=0) + 0.01}
+    g_before = g["promptfolio-0.4"].clone()
+    updated, losses = local_train(embedded_encoder, prompts, data, g, state, specs, cfg, seed=1, frozen_global=True)
+    assert updated == {} and torch.equal(g["promptfolio-0.4"], g_before) and losses["promptfolio-0.4"] > 0
+    assert not torch.allclose(state.local["promptfolio-0.4"], start)

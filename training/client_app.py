@@ -1,15 +1,17 @@
 """Flower ClientApp: trains each method's global copy and its private local prompt.
 
-Replies carry only the global prompts (`global/<method>` keys) and num-examples; the local
+Replies carry only the global prompts (training/exchange.py) and num-examples; the local
 prompts stay in `context.state` (and in this client's own folder, for resume) and never leave.
+Any failure is re-raised as one line naming this client, which the server reports and stops on.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,11 +23,9 @@ from promptfolio.prompts import ClassPrompts
 from prompts_store.store import atomic_write
 from training import data as data_mod
 from training.config import TrainConfig
+from training.exchange import client_failure, pack_globals, unpack_globals
 from training.export import checksum, prompt_artifact
 from training.task import ClientState, Features, ensure_local, evaluate, local_train
-
-GLOBAL_PREFIX = "global/"
-PLACEHOLDER_KEY = "placeholder"  # FedAvg needs one array even when no method trains a global prompt
 
 
 @functools.lru_cache(maxsize=2)
@@ -55,32 +55,35 @@ class ClientRun:
         self.methods = self.cfg.method_specs
         self.classes = json.loads(str(config["classes"]))
         self.prompts = cached_prompts(self.cfg.arch, self.cfg.pretrained, tuple(self.classes), self.cfg.n_ctx)
+        self.feature_timing: dict[str, float] = {}  # reported once, when the features are computed
         self.features = self._features()
         self.state = self._state()
 
     # ---- data -----------------------------------------------------------------------------
+    def _plan(self) -> data_mod.ClientPlan:
+        node = self.context.node_config
+        if "data-path" in node:  # a real SuperNode: its own image folder
+            return data_mod.local_plan(str(node["data-path"]), self.classes, self.cfg.seed,
+                                       self.cfg.train_fraction, self.cfg.val_fraction)
+        return data_mod.DataPlan.read(self.cfg.out_dir / "plan.json").clients[self.partition]
+
     def _features(self) -> dict[str, Features]:
         if "features" not in self.context.state:
-            node = self.context.node_config
-            if "data-path" in node:  # a real SuperNode: its own ImageFolder
-                plan = asdict(data_mod.local_plan(str(node["data-path"]), self.classes, self.cfg.seed,
-                                                  self.cfg.train_fraction, self.cfg.val_fraction))
-            else:  # simulation: this partition of the plan
-                full = json.loads((self.cfg.out_dir / "plan.json").read_text())
-                plan = full["clients"][self.partition]
+            start = time.perf_counter()
+            plan = self._plan()
             arrays = {}
-            site = max(self.partition, 0)  # a real SuperNode (-1) has no partition id
-            for i, split in enumerate(("train", "val", "test", "general")):
-                seed = self.cfg.seed * 7919 + (10_000 if split == "general" else site * 10 + i)
-                images = data_mod.load_split(plan[split], seed)
-                labels = plan[split]["labels"]
+            for split in data_mod.SPLITS:
+                part = getattr(plan, split)
+                images = data_mod.load_split(part, data_mod.style_seed(self.cfg.seed, self.partition, split))
                 arrays[f"{split}/x"] = data_mod.encode_images(self.encoder, images)
-                arrays[f"{split}/y"] = torch.tensor(labels, dtype=torch.int64)
+                arrays[f"{split}/y"] = torch.tensor(part.labels, dtype=torch.int64)
             if len(arrays["train/y"]) == 0:
                 raise data_mod.DataError(f"client {self.partition} has no training samples")
             self.context.state["features"] = ArrayRecord(arrays)
+            self.feature_timing = {"feature-seconds": time.perf_counter() - start,
+                                   "feature-images": sum(len(getattr(plan, s).paths) for s in ("train", "val", "test"))}
         t = self.context.state["features"].to_torch_state_dict()
-        return {s: Features(t[f"{s}/x"], t[f"{s}/y"]) for s in ("train", "val", "test", "general")}
+        return {s: Features(t[f"{s}/x"], t[f"{s}/y"]) for s in data_mod.SPLITS}
 
     # ---- private state --------------------------------------------------------------------
     def _state(self) -> ClientState:
@@ -104,9 +107,50 @@ class ClientRun:
                          save({k: v.contiguous() for k, v in self.state.local.items()}))
         atomic_write(self.out_dir / "theta.json", json.dumps(self.state.theta).encode())
 
-    def received_globals(self, msg: Message) -> dict[str, torch.Tensor]:
-        arrays = msg.content["arrays"].to_torch_state_dict()
-        return {k.removeprefix(GLOBAL_PREFIX): v for k, v in arrays.items() if k.startswith(GLOBAL_PREFIX)}
+
+def named_failures(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Re-raise any error as one line naming this client, for the server to report."""
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the server with its client
+            raise RuntimeError(client_failure(int(context.node_config.get("partition-id", -1)), e)) from e
+    return wrapped
+
+
+def train_step(run: ClientRun, msg: Message) -> Message:
+    globals_ = unpack_globals(msg.content["arrays"])
+    updated, losses = local_train(run.encoder, run.prompts, run.features["train"], globals_, run.state,
+                                  run.methods, run.cfg, seed=run.cfg.seed * 100_003 + run.round * 101 + run.partition)
+    run.save_state()
+    arrays = pack_globals(updated)
+    metrics = {"num-examples": len(run.features["train"].y), "partition": run.partition,
+               "bytes-received": msg.content["arrays"].count_bytes(), "bytes-sent": arrays.count_bytes(),
+               **run.feature_timing}
+    metrics.update({f"loss/{k}": v for k, v in losses.items()})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def evaluate_step(run: ClientRun, msg: Message) -> Message:
+    globals_ = unpack_globals(msg.content["arrays"])
+    splits = {"personal": run.features["test"], "general": run.features["general"]}
+    results = evaluate(run.encoder, run.prompts, splits, run.features["val"], globals_, run.state, run.methods, run.cfg)
+    run.save_state()
+    metrics: dict[str, float | int] = {"num-examples": len(run.features["test"].y), "partition": run.partition,
+                                       "global-checksum": checksum(globals_)}
+    for key, row in results.items():
+        for name, value in row.items():
+            metrics[f"{name}/{key}"] = value
+    if run.is_last:
+        tenant = f"client-{run.partition}" if run.partition >= 0 else "client"
+        for m in run.methods:
+            if m.key in run.state.local:
+                data = prompt_artifact(run.state.local[m.key], "local", run.encoder, run.classes,
+                                       theta=results[m.key]["theta"], tenant=tenant, producer=f"train:{m.key}",
+                                       trained_with=globals_.get(m.key))
+                atomic_write(run.out_dir / f"local-{m.key}.safetensors", data)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_client_app(cfg: TrainConfig | None = None) -> ClientApp:
@@ -114,41 +158,14 @@ def make_client_app(cfg: TrainConfig | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @named_failures
     def train(msg: Message, context: Context) -> Message:
-        run = ClientRun(msg, context, cfg)
-        globals_ = run.received_globals(msg)
-        updated, losses = local_train(run.encoder, run.prompts, run.features["train"], globals_, run.state,
-                                      run.methods, run.cfg, seed=run.cfg.seed * 100_003 + run.round * 101 + run.partition)
-        run.save_state()
-        arrays = ArrayRecord({GLOBAL_PREFIX + k: v.contiguous() for k, v in updated.items()}
-                             or {PLACEHOLDER_KEY: torch.zeros(1)})
-        metrics = {"num-examples": len(run.features["train"].y), "partition": run.partition,
-                   "bytes-received": msg.content["arrays"].count_bytes(), "bytes-sent": arrays.count_bytes()}
-        metrics.update({f"loss/{k}": v for k, v in losses.items()})
-        return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+        return train_step(ClientRun(msg, context, cfg), msg)
 
     @app.evaluate()
+    @named_failures
     def evaluate_(msg: Message, context: Context) -> Message:
-        run = ClientRun(msg, context, cfg)
-        globals_ = run.received_globals(msg)
-        splits = {"personal": run.features["test"], "general": run.features["general"]}
-        results = evaluate(run.encoder, run.prompts, splits, run.features["val"], globals_, run.state,
-                           run.methods, run.cfg)
-        run.save_state()
-        metrics: dict[str, float | int] = {"num-examples": len(run.features["test"].y), "partition": run.partition,
-                                           "global-checksum": checksum(globals_)}
-        for key, row in results.items():
-            for name, value in row.items():
-                metrics[f"{name}/{key}"] = value
-        if run.is_last:
-            for m in run.methods:
-                if m.key in run.state.local:
-                    data = prompt_artifact(run.state.local[m.key], "local", run.encoder, run.classes,
-                                           theta=results[m.key]["theta"], tenant=f"client-{run.partition}"
-                                           if run.partition >= 0 else "client", producer=f"train:{m.key}",
-                                           trained_with=globals_.get(m.key))
-                    atomic_write(run.out_dir / f"local-{m.key}.safetensors", data)
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return evaluate_step(ClientRun(msg, context, cfg), msg)
 
     return app
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from promptfolio.encoder import parse_pretrained
 from promptfolio.portfolio import DEFAULT_THETA, THETA_GRID, check_theta
+from promptfolio.prompts import ZERO_SHOT_PHRASE
 
 
 @dataclass(frozen=True)
@@ -74,27 +75,31 @@ class TrainConfig(BaseModel):
     num_clients: int = Field(10, ge=1, le=1000)
     fraction_train: float = Field(1.0, gt=0, le=1)
     rounds: int = Field(10, ge=1, le=1000)
-    # local optimisation (official recipe, plus clipping)
+    # local optimisation; where a default departs from the official recipe, OFFICIAL_RECIPE has
+    # the official value and README ("Defaults and the official recipe") the reason
     local_epochs: int = Field(5, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.02, gt=0)  # official 0.002 moves prompts too slowly in 10-20 rounds here (README)
+    lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     clip_norm: float | None = Field(1.0, gt=0)  # per-client gradient-norm clipping; None disables
     n_ctx: int = Field(4, ge=1, le=64)
-    ctx_init: str | None = "a photo of a"  # phrase, or None for N(0, 0.02)
+    ctx_init: str | None = ZERO_SHOT_PHRASE  # phrase, or None (CLI: random) for N(0, 0.02)
     theta_grid: list[float] = Field(default_factory=lambda: list(THETA_GRID))
     # data (simulation)
     data: str = "embedded"  # "embedded" or an ImageFolder path
     images_per_class: int = Field(20, ge=1)  # embedded world only
     beta: float = Field(0.5, gt=0)  # Dirichlet concentration over labels
-    shift: Literal["own", "shared", "none"] = "own"  # each client its own style / one shared style / clean
+    # synthetic styles: each client its own / one shared / none; unset: "own" in the embedded
+    # world, "none" for a user's folder (styles are applied to a user's images only when asked)
+    shift: Literal["own", "shared", "none"] | None = None
     styles: list[str] = Field(default_factory=lambda: ["noise", "colour_cast", "blur", "clutter", "low_contrast"])
     shared_style: str = "blur"
     train_fraction: float = Field(0.4, gt=0, lt=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     min_images_per_client: int = Field(10, ge=3)
     general_per_class: int = Field(4, ge=1)  # balanced shared test set, per class
+    skip_bad_images: bool = False  # leave unreadable images out (counted) instead of refusing the folder
     seed: int = 0
     classes: list[str] | None = None  # deployment: the federation's class list (simulation: from the data)
     # output
@@ -108,6 +113,12 @@ class TrainConfig(BaseModel):
     @classmethod
     def _pretrained(cls, v):
         return parse_pretrained(v)
+
+    @field_validator("ctx_init", mode="before")
+    @classmethod
+    def _ctx_init(cls, v):
+        """'random' / 'none' / '' (as the CLI and run config write it) mean N(0, 0.02)."""
+        return None if v is None or str(v).strip().lower() in ("random", "none", "") else v
 
     @field_validator("methods", "styles", "classes", "theta_grid", mode="before")
     @classmethod
@@ -141,8 +152,34 @@ class TrainConfig(BaseModel):
         return v
 
     @property
+    def style_shift(self) -> str:
+        if self.shift is not None:
+            return self.shift
+        return "own" if self.data == "embedded" else "none"
+
+    @property
     def method_specs(self) -> list[Method]:
         return [parse_method(m) for m in self.methods]
 
+    @model_validator(mode="after")
+    def _ctx_init_matches_n_ctx(self) -> "TrainConfig":
+        if self.ctx_init is not None and "n_ctx" in self.model_fields_set and "ctx_init" not in self.model_fields_set:
+            # an explicit n_ctx with the default phrase: the phrase cannot give that many tokens
+            if self.n_ctx != len(self.ctx_init.split()):
+                raise ValueError(f"--n-ctx {self.n_ctx} needs --ctx-init random (or a phrase of {self.n_ctx} "
+                                 f"tokens); the default init {self.ctx_init!r} has {len(self.ctx_init.split())}")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+# The official PromptFolio recipe where our defaults depart from it (README lists each reason).
+# `promptfolio train --recipe official` applies these before any explicit flag.
+OFFICIAL_RECIPE: dict[str, object] = {
+    "n_ctx": 8,
+    "ctx_init": None,  # N(0, 0.02)
+    "lr": 0.002,
+    "clip_norm": None,
+    "beta": 0.3,
+}

@@ -68,7 +68,7 @@ def accuracy_vs_theta(final: dict[str, tuple[float, float]], path: Path, title: 
 
 
 def plot_run(metrics: dict, out_dir: Path) -> list[Path]:
-    from training.server_app import method_means
+    from training.outputs import method_means
 
     by_method: dict[str, list[tuple[int, float, float]]] = {}
     for record in metrics["rounds"]:

@@ -3,6 +3,10 @@
 Ray binds the host's addresses and probes outside ones when left alone, so by default the run
 happens inside a private network namespace where only loopback exists (`unshare -n`): nothing
 can reach or be reached from another address.
+
+The terminal shows what the user needs (the data summary, rounds, failures); Flower's own log
+goes to `<out>/flower.log`, and the one warning Ray prints from C++ when it finds no outside
+route (expected in the namespace) is dropped from the re-executed run's stderr.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ import struct
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from training.config import TrainConfig
 
 NETNS_ENV = "PROMPTFOLIO_NETNS"
+# Ray's C++ core logs this when it cannot reach 8.8.8.8, which a private namespace guarantees
+EXPECTED_RAY_NOISE = ("Failed to determine local IP via external connectivity",)
+
+
+class TrainingFailed(RuntimeError):
+    """The federated run did not complete; the message names the failed clients or the cause."""
 
 
 def bring_loopback_up() -> None:
@@ -45,24 +56,57 @@ def isolated_argv(argv: list[str]) -> list[str]:
 
 
 def run_isolated(argv: list[str]) -> int:
+    """Run `argv` in the namespace, passing its stderr through minus Ray's expected warning."""
     env = dict(os.environ, **{NETNS_ENV: "1"})
     try:
-        return subprocess.call(isolated_argv(argv), env=env)
+        proc = subprocess.Popen(isolated_argv(argv), env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+        for line in proc.stderr:
+            if not any(noise in line for noise in EXPECTED_RAY_NOISE):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        return proc.wait()
     except KeyboardInterrupt:
         return 130
 
 
-def quiet_flower() -> None:
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def flower_log_to_file(path: Path) -> None:
+    """Flower's log (the run_simulation deprecation banner, per-round INFO, client tracebacks)
+    into a file instead of the terminal; our own progress lines are printed separately."""
+    logger = logging.getLogger("flwr")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def prepare_plan(cfg: TrainConfig):
+    """Plan (or, resuming, reread) the data and print its summary before anything trains."""
+    from training.data import DataPlan, build_plan, summary_lines
+
+    plan_path = cfg.out_dir / "plan.json"
+    if cfg.resume and plan_path.is_file():
+        plan = DataPlan.read(plan_path)
+    else:
+        source = "the embedded world" if cfg.data == "embedded" else cfg.data
+        print(f"planning: reading and checking every image of {source}", file=sys.stderr, flush=True)
+        plan = build_plan(cfg)
+        plan.write(plan_path)
+        for stale in ("metrics.json", "server/checkpoint.safetensors"):
+            (cfg.out_dir / stale).unlink(missing_ok=True)
+    print("\n".join(summary_lines(plan)), file=sys.stderr, flush=True)
+    return plan
 
 
 def simulate(cfg: TrainConfig) -> dict:
     """Plan the data, run all rounds on Flower, write outputs; returns the metrics summary."""
-    from flwr.simulation import run_simulation
-
     from training.client_app import make_client_app
-    from training.data import build_plan, write_plan
+    from training.outputs import read_metrics
     from training.plots import plot_run
     from training.server_app import make_server_app
 
@@ -72,25 +116,30 @@ def simulate(cfg: TrainConfig) -> dict:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="pf-ray-"))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = cfg.out_dir / "plan.json"
-    if not (cfg.resume and plan_path.is_file()):
-        write_plan(build_plan(cfg), plan_path)
-        for stale in ("metrics.json", "server/checkpoint.safetensors"):
-            (cfg.out_dir / stale).unlink(missing_ok=True)
+    prepare_plan(cfg)
     (cfg.out_dir / "config.json").write_text(cfg.to_json() + "\n")
-    quiet_flower()
+    print(f"starting {cfg.num_clients} simulated clients on Flower (its log: {cfg.out_dir / 'flower.log'})",
+          file=sys.stderr, flush=True)
+    from flwr.simulation import run_simulation  # imported here: it installs Flower's console logger
+
+    flower_log_to_file(cfg.out_dir / "flower.log")
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, cfg.num_clients)),
                              "include_dashboard": False, "logging_level": "error", "log_to_driver": False}}
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
                    num_supernodes=cfg.num_clients, backend_config=backend)
-    metrics_path = cfg.out_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise RuntimeError(f"the federated run produced no metrics; see the log above ({cfg.out_dir})")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_metrics(cfg.out_dir)
+    if metrics is None:
+        raise TrainingFailed(f"the federated run produced no metrics; see {cfg.out_dir / 'flower.log'}")
+    if metrics.get("failed_clients"):
+        named = "; ".join(f"client {f['client'] if f['client'] is not None else '?'} (round {f['round']}, "
+                          f"{f['stage']}): {f['error']}" for f in metrics["failed_clients"])
+        raise TrainingFailed(f"{len(metrics['failed_clients'])} client failure(s), the run stopped: {named}. "
+                             f"Fix the cause and rerun with --resume to continue after round "
+                             f"{len(metrics['rounds'])}; details in {cfg.out_dir / 'flower.log'}")
     if len(metrics["rounds"]) < cfg.rounds:
-        raise RuntimeError(f"the run stopped after {len(metrics['rounds'])} of {cfg.rounds} rounds; rerun with "
-                           f"--resume to continue (see the errors above)")
+        raise TrainingFailed(f"the run stopped after {len(metrics['rounds'])} of {cfg.rounds} rounds; rerun with "
+                             f"--resume to continue (see {cfg.out_dir / 'flower.log'})")
     plot_run(metrics, cfg.out_dir)
     return metrics
 
@@ -99,7 +148,11 @@ def main_simulation(cfg: TrainConfig, argv: list[str], network: str) -> int:
     """CLI entry: re-exec inside a private network namespace unless told otherwise."""
     if network == "isolate" and not in_private_netns():
         return run_isolated([sys.executable, "-m", "promptfolio.cli", *argv])
-    metrics = simulate(cfg)
+    try:
+        metrics = simulate(cfg)
+    except TrainingFailed as e:
+        print(f"promptfolio train: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({k: {"personal": round(v["personal_mean"], 2), "general": round(v["general_mean"], 2)}
                       for k, v in metrics["final"].items()}, indent=1))
     print(f"outputs in {cfg.out_dir}", file=sys.stderr)

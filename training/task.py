@@ -16,10 +16,8 @@ import torch.nn.functional as F
 
 from promptfolio import portfolio
 from promptfolio.encoder import Encoder
-from promptfolio.prompts import ClassPrompts, encode_classes, init_context
+from promptfolio.prompts import ZERO_SHOT_PHRASE, ClassPrompts, encode_classes, init_context
 from training.config import Method, TrainConfig
-
-ZERO_SHOT_PHRASE = "a photo of a"
 
 
 @dataclass
@@ -66,21 +64,31 @@ def _mixed(method: Method, t_global: torch.Tensor | None, t_local: torch.Tensor 
 
 
 def local_train(encoder: Encoder, prompts: ClassPrompts, data: Features, globals_: dict[str, torch.Tensor],
-                state: ClientState, methods: list[Method], cfg: TrainConfig, seed: int
+                state: ClientState, methods: list[Method], cfg: TrainConfig, seed: int, frozen_global: bool = False
                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train every method's (global copy, local) on this client's data; returns the updated global
-    copies (to send) and the mean training loss per method. Local prompts update in `state`."""
-    trained = [m for m in methods if m.trains_global or m.trains_local]
+    copies (to send) and the mean training loss per method. Local prompts update in `state`.
+
+    frozen_global: the global prompts stay fixed and only the local prompts learn, with the same
+    mixed-logit objective (a late joiner personalizing against a published global prompt).
+    """
+    trained = [m for m in methods if m.trains_local or (m.trains_global and not frozen_global)]
     if not trained:
         return {}, {}
     if len(data.y) == 0:
         raise ValueError("this client has no training samples")
     params: dict[tuple[str, str], torch.Tensor] = {}
     for m in trained:
-        if m.trains_global:
+        if m.trains_global and not frozen_global:
             params[(m.key, "global")] = globals_[m.key].detach().clone().requires_grad_(True)
         if m.trains_local:
             params[(m.key, "local")] = state.local[m.key].detach().clone().requires_grad_(True)
+    fixed: dict[tuple[str, str], torch.Tensor] = {}  # features of frozen global prompts, computed once
+    frozen = [m.key for m in trained if m.trains_global and frozen_global]
+    if frozen:
+        with torch.no_grad():
+            feats = prompts.encode_many(torch.stack([globals_[k] for k in frozen]))  # [K, C, D]
+            fixed = {(k, "global"): f for k, f in zip(frozen, feats)}
     order = list(params)
     opt = torch.optim.SGD(list(params.values()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(data.y)
@@ -97,7 +105,7 @@ def local_train(encoder: Encoder, prompts: ClassPrompts, data: Features, globals
             for group in opt.param_groups:  # cosine schedule over this round's local steps
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             feats = prompts.encode_many(torch.stack([params[k] for k in order]))  # [K, C, D]
-            by_key = dict(zip(order, feats))
+            by_key = {**fixed, **dict(zip(order, feats))}
             loss_sum = 0.0
             for m in trained:
                 text = _mixed(m, by_key.get((m.key, "global")), by_key.get((m.key, "local")), theta_of(m, state))
@@ -115,7 +123,7 @@ def local_train(encoder: Encoder, prompts: ClassPrompts, data: Features, globals
     for m in trained:
         if m.trains_local:
             state.local[m.key] = params[(m.key, "local")].detach().clone()
-    updated = {m.key: params[(m.key, "global")].detach().clone() for m in trained if m.trains_global}
+    updated = {key: params[(key, part)].detach().clone() for key, part in order if part == "global"}
     return updated, losses
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import torch
 
 from promptfolio.embedded import world
+from promptfolio.prompts import ZERO_SHOT_PHRASE
 
 # Fixed evaluation set behind the recorded zero-shot accuracy of the shipped weights.
 EVAL_SEED = 12345
 EVAL_SIZE = 900
-HAND_TEMPLATE = "a photo of a {}."
+HAND_TEMPLATE = ZERO_SHOT_PHRASE + " {}."
 
 
 def to_model_input(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Opening images the same way everywhere: training folders, the late-joiner path and serving.
+
+One list of accepted file types and one loader, so an image that trains also serves, and an
+EXIF-rotated phone photo is seen upright by every component (`ImageOps.exif_transpose`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# file name endings read from image folders, and the decoder formats they stand for
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+IMAGE_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard (the service's default limit too)
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+
+class ImageLoadError(ValueError):
+    """An image cannot be used: unreadable, corrupt, of an unsupported format or too large."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """An accepted extension and not a hidden file (macOS `._name.jpg` forks are not images)."""
+    name = os.path.basename(os.fspath(path))
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(source: ImageSource, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+               draft_size: int | None = None) -> Image.Image:
+    """An upright RGB image, fully decoded, from a path, bytes or a PIL image.
+
+    draft_size: let libjpeg downscale while decoding to at least this size (a serving speed-up;
+    leave None where pixels must match a full decode).
+    """
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB")
+    label = name or (f"{len(source)}-byte image" if isinstance(source, bytes) else str(source))
+    if isinstance(source, bytes) and not source:
+        raise ImageLoadError(f"{label}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as img:
+                if img.format not in IMAGE_FORMATS:
+                    raise ImageLoadError(f"{label}: unsupported image format {img.format}")
+                w, h = img.size  # from the header, before any pixel is decoded
+                if w * h > max_pixels:
+                    raise ImageLoadError(f"{label}: {w}x{h} pixels exceeds the limit of {max_pixels}")
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))
+                return ImageOps.exif_transpose(img).convert("RGB")  # convert decodes every pixel
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(f"{label}: file not found") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageLoadError(f"{label}: not a decodable image") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageLoadError(f"{label}: corrupt image ({e})") from None

@@ -1,0 +1,114 @@
+"""What a federated run writes and says: progress lines, metrics.json, the checkpoint, artifacts.
+
+Kept apart from the ServerApp so the strategy only aggregates, and so the CLI, plots and the
+benchmark read the same files through one module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from promptfolio.encoder import Encoder
+from prompts_store.store import atomic_write
+from training.config import TrainConfig
+from training.export import prompt_artifact
+
+CHECKPOINT = "server/checkpoint.safetensors"
+METRICS = "metrics.json"
+
+
+def report(line: str) -> None:
+    """To the terminal in a simulation, and to Flower's log (what `flwr run --stream` shows)."""
+    print(line, file=sys.stderr, flush=True)
+    log(INFO, line)
+
+
+def method_means(rows: list[dict], metric: str) -> dict[str, float]:
+    keys = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith(metric + "/")})
+    return {k: float(np.mean([r[f"{metric}/{k}"] for r in rows if f"{metric}/{k}" in r])) for k in keys}
+
+
+def progress_line(record: dict, cfg: TrainConfig) -> str:
+    personal = method_means(record["eval"], "personal")
+    general = method_means(record["eval"], "general")
+    parts = [f"{k} {personal[k]:.1f}/{general.get(k, float('nan')):.1f}" for k in personal]
+    return f"round {record['round']}/{cfg.rounds}  personal/general acc %: " + "  ".join(parts)
+
+
+def summarize(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> dict:
+    """metrics.json: the config, every round, the final means, and any client that failed."""
+    summary: dict = {"config": json.loads(cfg.to_json()), "rounds": history, "failed_clients": failures}
+    if history:
+        last = history[-1]["eval"]
+        summary["final"] = {
+            key: {"personal_mean": float(np.mean([r[f"personal/{key}"] for r in last])),
+                  "general_mean": float(np.mean([r[f"general/{key}"] for r in last if f"general/{key}" in r])),
+                  "per_client_personal": [r[f"personal/{key}"] for r in last],
+                  "per_client_theta": [r[f"theta/{key}"] for r in last]}
+            for key in method_means(last, "personal")}
+    return summary
+
+
+def write_metrics(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> None:
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(cfg.out_dir / METRICS, json.dumps(summarize(cfg, history, failures), indent=1).encode())
+
+
+def write_checkpoint(cfg: TrainConfig, arrays: ArrayRecord, round_no: int, fingerprint: str) -> None:
+    path = cfg.out_dir / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    atomic_write(path, save(tensors, metadata={"round": str(round_no), "encoder": fingerprint}))
+
+
+def load_checkpoint(cfg: TrainConfig, fingerprint: str) -> tuple[int, ArrayRecord | None, list[dict]]:
+    """(last completed round, its arrays, the history up to it); (0, None, []) without --resume."""
+    path = cfg.out_dir / CHECKPOINT
+    if not (cfg.resume and path.is_file()):
+        return 0, None, []
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("encoder") != fingerprint:
+        raise ValueError(f"cannot resume: the checkpoint in {path} was made for encoder "
+                         f"{str(meta.get('encoder'))[:60]}…, not {fingerprint[:60]}…")
+    round_no = int(meta["round"])
+    history = json.loads((cfg.out_dir / METRICS).read_text())["rounds"]
+    history = [h for h in history if h["round"] <= round_no]
+    return round_no, ArrayRecord(load_file(str(path))), history
+
+
+def write_global_artifacts(cfg: TrainConfig, globals_: dict[str, torch.Tensor], encoder: Encoder,
+                           classes: list[str]) -> dict[str, Path]:
+    paths = {}
+    for key, ctx in globals_.items():
+        paths[key] = cfg.out_dir / f"global-{key}.safetensors"
+        atomic_write(paths[key], prompt_artifact(ctx, "global", encoder, classes, producer=f"train:{key}"))
+    return paths
+
+
+def publish(cfg: TrainConfig, paths: dict[str, Path], encoder: Encoder) -> None:
+    """Store the chosen method's global prompt in the prompts store (--publish-store)."""
+    from prompts_store.artifact import read_artifact
+    from prompts_store.store import PromptStore
+
+    key = cfg.publish_method or next((m.key for m in cfg.method_specs if m.trains_global), None)
+    if cfg.publish_store is None or key is None:
+        return
+    ctx, meta = read_artifact(paths[key].read_bytes())
+    stored = PromptStore(cfg.publish_store, encoder.fingerprint, encoder.text_width, create=True).put(ctx, meta)
+    report(f"published the {key} global prompt to {cfg.publish_store} as version {stored.version}")
+
+
+def read_metrics(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / METRICS
+    return json.loads(path.read_text()) if path.is_file() else None
