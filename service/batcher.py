@@ -155,9 +155,9 @@ class AdmissionGate:
 
     Under overload most of the queue is in the kernel (accept queue, unread sockets), before any
     Python code sees a request; the server measures that part per request (`waited_s`). The time
-    in the app is the shortest among the last classify requests to finish, as in CoDel: it grows
-    only when every request is slow (congestion), so one large legal request (a minute of
-    decoding) does not make the gate shed the small ones beside it.
+    in the app is the lower quartile among the last 16 classify requests to finish: it grows when
+    most requests are slow (congestion), while a few large legal requests (a minute of decoding)
+    do not make the gate shed the small ones beside them.
     """
 
     RECENT = 16
@@ -171,7 +171,8 @@ class AdmissionGate:
 
     @property
     def in_app_s(self) -> float:
-        return min(self._recent, default=0.0)
+        recent = sorted(self._recent)
+        return recent[len(recent) // 4] if recent else 0.0  # a lower quartile: robust to a few large requests
 
     def expected_wait_s(self, waited_s: float = 0.0) -> float:
         return waited_s + (self.in_app_s if self.in_flight else 0.0)  # nothing in flight: nothing ahead
@@ -242,8 +243,8 @@ class MicroBatcher:
         n = images.shape[0]
         if self.pending_images + n > self.max_pending:
             raise Overloaded(self.expected_wait_s())
-        wait = self.expected_wait_s(n)
-        if self.deadline_s is not None and self.pending_images and wait > self.deadline_s:
+        wait = self.expected_wait_s()  # the images ahead; a request's own encoding is not a wait
+        if self.deadline_s is not None and wait > self.deadline_s:
             raise Overloaded(wait - self.deadline_s, f"expected encoder wait {wait:.1f} s exceeds the "
                                                      f"{self.deadline_s:g} s deadline")
         self.pending_images += n
