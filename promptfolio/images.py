@@ -32,15 +32,41 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def shrink_for(img: Image.Image, target: int) -> Image.Image:
+    """Integer box-reduce in the image's own mode until the short side is within 2x of `target`.
+
+    Hand-written because the encoder's preprocess (torchvision Resize, antialiased) would first need
+    a full-size RGB copy; a box reduce then the antialiased bicubic resize gives the same picture
+    within a grey level, and a 1-bit or grey image never exists as full-size RGB.
+    """
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    factor = min(img.size) // target
+    if factor >= 2:
+        img = img.reduce(factor)
+    return img
+
+
+def upright_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
+    """The one way every component turns a decoded image into model input pixels: EXIF orientation
+    applied (phones store rotation in EXIF, not in pixels), reduced toward `target` when given, RGB."""
+    img = ImageOps.exif_transpose(img)
+    if target:
+        img = shrink_for(img, target)
+    return img.convert("RGB")
+
+
 def load_image(source: ImageSource, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
                draft_size: int | None = None) -> Image.Image:
     """An upright RGB image, fully decoded, from a path, bytes or a PIL image.
 
-    draft_size: let libjpeg downscale while decoding to at least this size (a serving speed-up;
-    leave None where pixels must match a full decode).
+    draft_size: the encoder's input size, to decode as the service does (libjpeg downscales while
+    decoding, then a box reduce to within 2x of it); leave None where pixels must match a full decode.
     """
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB")
+        return upright_rgb(source, draft_size)
     label = name or (f"{len(source)}-byte image" if isinstance(source, bytes) else str(source))
     if isinstance(source, bytes) and not source:
         raise ImageLoadError(f"{label}: empty file")
@@ -55,7 +81,8 @@ def load_image(source: ImageSource, name: str | None = None, max_pixels: int = M
                     raise ImageLoadError(f"{label}: {w}x{h} pixels exceeds the limit of {max_pixels}")
                 if draft_size and img.format == "JPEG":
                     img.draft("RGB", (draft_size, draft_size))
-                return ImageOps.exif_transpose(img).convert("RGB")  # convert decodes every pixel
+                img.load()
+                return upright_rgb(img, draft_size)
     except ImageLoadError:
         raise
     except FileNotFoundError:

@@ -19,9 +19,11 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF"}
+from promptfolio.images import IMAGE_FORMATS, upright_rgb
+
+ALLOWED_FORMATS = IMAGE_FORMATS  # one list with training's image folders
 ALLOWED_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/gif",
                          "application/octet-stream"}
 LIGHT_PIXELS = 1 << 20  # decodes up to this many pixels are "light" for the fair decode scheduler
@@ -122,22 +124,6 @@ def probe(data: bytes, name: str, limits: ImageLimits) -> Probed:
     return Probed(img, name, decoded)
 
 
-def _shrink_native(img: Image.Image, target: int) -> Image.Image:
-    """Integer box-reduce in the image's own mode until the short side is within 2x of the target.
-
-    Hand-written because `preprocess` (torchvision Resize, antialiased) would first need full-size
-    RGB; a box reduce then the antialiased bicubic resize gives the same picture within a grey level.
-    """
-    if img.mode == "1":
-        img = img.convert("L")
-    elif img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    factor = min(img.size) // target
-    if factor >= 2:
-        img = img.reduce(factor)
-    return img
-
-
 def decode_probed(probed: Probed, preprocess, target_size: int) -> torch.Tensor:
     """A probed image -> float `[3, H, W]` via the encoder's own preprocess."""
     name = probed.name
@@ -146,8 +132,7 @@ def decode_probed(probed: Probed, preprocess, target_size: int) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # phones store rotation in EXIF, not in pixels
-            img = _shrink_native(img, target_size).convert("RGB")
+            img = upright_rgb(img, target_size)  # the same pixels as promptfolio's own loader
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: not a decodable image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
