@@ -79,7 +79,8 @@ echo "bento $TAG: $(since "$t")"
 
 say "wheelhouse $WHEELHOUSE (pip download of the bento's requirements; offline wherever pip's index is)"
 t=$(now)
-pip download --quiet --disable-pip-version-check -d "$WHEELHOUSE" -r "$BENTO/env/python/requirements.txt"
+pip download --quiet --disable-pip-version-check -d "$WHEELHOUSE" -r "$BENTO/env/python/requirements.txt" \
+  > "$WORK/pip-download.log" 2>&1 || { tail -20 "$WORK/pip-download.log"; fail "pip download failed"; }
 echo "wheelhouse: $(ls "$WHEELHOUSE" | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1), $(since "$t")"
 WHEEL_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$WHEEL_PORT" >/dev/null 2>&1 &
@@ -87,9 +88,12 @@ SERVER_PIDS+=($!)
 
 say "bentoml containerize $TAG -t $IMAGE (build network: host, packages from 127.0.0.1:$WHEEL_PORT only)"
 t=$(now)
-bentoml containerize "$TAG" -t "$IMAGE" --opt network=host --opt progress=plain \
+# From the temp folder: bentoml containerize copies the bento there and (BentoML issue #5566, 1.4.36+)
+# refuses a dockerfile_template outside the working directory.
+(cd "$(python3 -c 'import tempfile; print(tempfile.gettempdir())')" && \
+ bentoml containerize "$TAG" -t "$IMAGE" --opt network=host --opt progress=plain \
   --opt build-arg=PIP_NO_INDEX=1 --opt build-arg=PIP_FIND_LINKS="http://127.0.0.1:$WHEEL_PORT/" \
-  > "$WORK/containerize.log" 2>&1 || { tail -40 "$WORK/containerize.log"; fail "containerize failed (log: $WORK/containerize.log)"; }
+  > "$WORK/containerize.log" 2>&1) || { tail -40 "$WORK/containerize.log"; fail "containerize failed (log: $WORK/containerize.log)"; }
 echo "image build: $(since "$t")"
 kill "${SERVER_PIDS[0]}"; SERVER_PIDS=()
 SIZE=$(docker image inspect -f '{{.Size}}' "$IMAGE")
