@@ -31,6 +31,7 @@ URL="http://127.0.0.1:$PORT"
 export BENTOML_HOME="${BENTOML_HOME:-$ROOT/.cache/bentoml}" BENTOML_DO_NOT_TRACK=true
 export PROMPTFOLIO_ADMIN_KEY="check-admin-$RANDOM$RANDOM"
 SERVER_PIDS=()
+mkdir -p "$WORK"
 
 say() { printf '== %s\n' "$*"; }
 fail() { printf 'container-check: %s\n' "$*" >&2; exit 1; }
@@ -99,9 +100,6 @@ kill "${SERVER_PIDS[0]}"; SERVER_PIDS=()
 SIZE=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 echo "image $IMAGE: $(python3 -c "print(f'{$SIZE / 2**30:.2f} GiB')") ($SIZE bytes)"
 docker image inspect -f 'user={{.Config.User}} healthcheck={{json .Config.Healthcheck.Test}}' "$IMAGE"
-echo "compilers/git in the image: [$(docker run --rm --network none --entrypoint sh "$IMAGE" -c \
-  'for c in gcc cc c++ g++ make git; do command -v $c; done; true' | tr '\n' ' ')]"
-echo "onnxruntime packages: $(docker run --rm --network none --entrypoint pip "$IMAGE" list 2>/dev/null | awk 'tolower($1) ~ /^onnxruntime/ {printf "%s %s ", $1, $2}')"
 
 # --- a local prompt and test images (a short federated run on the embedded encoder) --------------
 say "local prompt: promptfolio train (2 clients, 1 round) on the host"
@@ -142,6 +140,11 @@ field() { python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(
 
 say "docker run $IMAGE (network host, 127.0.0.1:$PORT, /data <- $DATA)"
 t=$(now); start_container; wait_ready
+# inside the running container (each `docker run` would copy the whole image on the vfs driver)
+echo "compilers/git in the image: [$(docker exec "$NAME" sh -c \
+  'for c in gcc cc c++ g++ make git; do command -v $c; done; true' | tr '\n' ' ')]"
+echo "onnxruntime packages: $(docker exec "$NAME" pip list 2>/dev/null | awk 'tolower($1) ~ /^onnxruntime/ {printf "%s %s ", $1, $2}')"
+echo "container user: $(docker exec "$NAME" id)"
 api "GET /v1/info" 200 "$URL/v1/info"
 echo "  device=$(field "d['device']") backend=$(field "d['backend']") providers=$(field "d['providers']")"
 CLASSES=$(python3 -c "import json; print(json.dumps(sorted(set(json.load(open('$WORK/images/labels.json')).values()))))")
