@@ -145,6 +145,14 @@ echo "compilers/git in the image: [$(docker exec "$NAME" sh -c \
   'for c in gcc cc c++ g++ make git; do command -v $c; done; true' | tr '\n' ' ')]"
 echo "onnxruntime packages: $(docker exec "$NAME" pip list 2>/dev/null | awk 'tolower($1) ~ /^onnxruntime/ {printf "%s %s ", $1, $2}')"
 echo "container user: $(docker exec "$NAME" id)"
+# onnxruntime-gpu (built for CUDA 13) preloads cuBLAS/cuDNN/cudart from the nvidia-* wheels torch brings:
+# no CUDA base image. Loading the libraries needs no GPU; running a CUDA session needs the host driver.
+docker exec "$NAME" python -c '
+import onnxruntime as ort
+ort.preload_dlls()
+libs = sorted({p.split("site-packages/")[1] for p in open("/proc/self/maps").read().split() if "site-packages/nvidia/" in p})
+print(f"onnxruntime-gpu {ort.__version__} (CUDA {ort.capi.build_and_package_info.cuda_version}) preloaded {len(libs)} libraries from the torch wheels:", " ".join(libs))
+'
 api "GET /v1/info" 200 "$URL/v1/info"
 echo "  device=$(field "d['device']") backend=$(field "d['backend']") providers=$(field "d['providers']")"
 CLASSES=$(python3 -c "import json; print(json.dumps(sorted(set(json.load(open('$WORK/images/labels.json')).values()))))")
