@@ -51,6 +51,7 @@ class Plan:
     requests: int  # per request size, service load
     concurrency: int
     parity_images: int
+    service_backend: str  # PROMPTFOLIO_BACKEND for the service: auto | onnx | torch
 
 
 def parse_args(argv: list[str] | None = None) -> Plan:
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per throughput cell")
     p.add_argument("--requests", type=int, default=400, help="requests per size (1 and 32 images) for the service")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients for the service")
+    p.add_argument("--service-backend", choices=("auto", "onnx", "torch"), default="auto",
+                   help="the service's image backend (torch where only the CPU onnxruntime is installed)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every step on the CPU with the embedded model and tiny sizes (checks the script only)")
     a = p.parse_args(argv)
@@ -70,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     if not batches or min(batches) < 1 or a.seconds <= 0 or a.requests < 1 or a.concurrency < 1:
         p.error("--batches, --seconds, --requests and --concurrency must be positive")
     if a.dry_run:
-        return Plan("cpu", "embedded", [1, 8], 0.3, 8, 2, 16)
-    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256)
+        return Plan("cpu", "embedded", [1, 8], 0.3, 8, 2, 16, a.service_backend)
+    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, a.service_backend)
 
 
 def sync(device: str) -> None:
@@ -230,7 +233,8 @@ def check_service(plan: Plan, best: dict[str, float], base: Path) -> bool:
 
     pretrained = "embedded" if plan.arch == "embedded" else "none"
     server = Server(base / "store", base / "serve.log", PROMPTFOLIO_ARCH=plan.arch, PROMPTFOLIO_PRETRAINED=pretrained,
-                    PROMPTFOLIO_DEVICE=plan.device, PROMPTFOLIO_MAX_BATCH="32")
+                    PROMPTFOLIO_DEVICE=plan.device, PROMPTFOLIO_MAX_BATCH="32",
+                    PROMPTFOLIO_BACKEND=plan.service_backend)
     start = time.perf_counter()
     server.start(timeout=420)
     ok = True
