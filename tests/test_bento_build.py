@@ -33,6 +33,7 @@ def test_bentoml_build_makes_a_gpu_bento_with_onnxruntime_gpu_only(tmp_path):
     names = [re.split(r"[<>=!~\[ ;]", line.strip())[0].lower() for line in requirements if line.strip()
              and not line.startswith("#")]
     assert "onnxruntime-gpu" in names and "onnxruntime" not in names
+    assert "fastapi" in names  # service/api.py; bentoml does not depend on it
     assert "torch" in names and "flwr" not in names  # the service image carries no training stack
     src = bento / "src"
     assert (src / "promptfolio" / "embedded" / "promptfolio-tiny.safetensors").stat().st_size > 10_000_000
