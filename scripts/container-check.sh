@@ -139,7 +139,8 @@ api() {
 field() { python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$WORK/last.json" "$1"; }
 
 say "docker run $IMAGE (network host, 127.0.0.1:$PORT, /data <- $DATA)"
-t=$(now); start_container; wait_ready
+t=$(now); start_container; echo "container created and started: $(since "$t") (vfs copies the image for each new container)"
+wait_ready
 # inside the running container (each `docker run` would copy the whole image on the vfs driver)
 echo "compilers/git in the image: [$(docker exec "$NAME" sh -c \
   'for c in gcc cc c++ g++ make git; do command -v $c; done; true' | tr '\n' ' ')]"
