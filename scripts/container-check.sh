@@ -5,14 +5,16 @@
 #   upload a local prompt (from a short `promptfolio train` run), classify -> restart the container
 #   -> the tenant and its prompt are still there (the store lives on the mounted /data volume).
 # Prints the image size and every step's time. Not part of .ci/run (it builds a multi-GB image).
-# Needs the project's environment (`bentoml`, `promptfolio`, `pip` on PATH), Docker with BuildKit,
-# and the base image (built here by scripts/build-base-image.sh when missing: root + mmdebstrap).
+# Run as root (it chowns the volume folder to the image's user, uid 1034). Needs the project's
+# environment (`bentoml`, `promptfolio`, `pip` on PATH), Docker with BuildKit, and the base image
+# (built here by scripts/build-base-image.sh when missing: mmdebstrap).
 # If no Docker daemon answers and this runs as root, it starts dockerd (DOCKERD_ARGS) and stops it
 # at the end. Settings (environment):
 #   DOCKER      docker client with BuildKit (a client >= 23 needs the buildx plugin)   [docker]
 #   IMAGE       image tag to build and run                                             [promptfolio:gpu]
 #   PORT        service port on 127.0.0.1                                               [3791]
 #   WHEELHOUSE  wheel cache filled by `pip download`                                   [.cache/wheelhouse]
+#   WHEEL_PORT  127.0.0.1 port that serves the wheelhouse during the build             [8765]
 #   GPUS        e.g. "all" to pass `--gpus all` (needs the NVIDIA container toolkit)   [unset: CPU]
 #   KEEP_IMAGE  1 keeps the image afterwards                                           [1]
 set -euo pipefail
@@ -83,9 +85,12 @@ t=$(now)
 pip download --quiet --disable-pip-version-check -d "$WHEELHOUSE" -r "$BENTO/env/python/requirements.txt" \
   > "$WORK/pip-download.log" 2>&1 || { tail -20 "$WORK/pip-download.log"; fail "pip download failed"; }
 echo "wheelhouse: $(ls "$WHEELHOUSE" | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1), $(since "$t")"
-WHEEL_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# a fixed port: the URL is a build arg of the install step, so a new one would void its build cache
+WHEEL_PORT="${WHEEL_PORT:-8765}"
 python3 -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$WHEEL_PORT" >/dev/null 2>&1 &
 SERVER_PIDS+=($!)
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$WHEEL_PORT/" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$WHEEL_PORT/" >/dev/null || fail "the wheelhouse server did not start on 127.0.0.1:$WHEEL_PORT"
 
 say "bentoml containerize $TAG -t $IMAGE (build network: host, packages from 127.0.0.1:$WHEEL_PORT only)"
 t=$(now)
