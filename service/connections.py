@@ -38,13 +38,24 @@ def _kernel_idle_s(transport: asyncio.Transport) -> float | None:
         return None
 
 
+LINGER_S = 1.0  # how long a refused connection is still read (and discarded) after its answer
+
+
 def _reply_and_close(transport: asyncio.Transport, status: int, reason: str, message: str) -> None:
+    """Answer, then half-close: closing a socket with unread request bytes makes the kernel send a
+    reset, which can destroy the answer before the client reads it. So stop writing, keep reading
+    (the protocol discards what arrives) for LINGER_S, then close."""
     body = ('{"error": "%s"}' % message).encode()
     retry = "retry-after: 1\r\n" if status == 503 else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{retry}connection: close\r\n\r\n").encode()
-    if not transport.is_closing():
-        transport.write(head + body)
+    if transport.is_closing():
+        return
+    transport.write(head + body)
+    if transport.can_write_eof():
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+    else:
         transport.close()
 
 
@@ -65,6 +76,7 @@ def install() -> bool:
             self.cfg = _settings
             self.timeout_keep_alive = self.cfg.keep_alive_s
             self._read_timer: asyncio.TimerHandle | None = None
+            self._refused = False  # answered by the protocol itself: what still arrives is discarded
 
         def _arm(self, seconds: float, what: str) -> None:
             self._disarm()
@@ -75,12 +87,22 @@ def install() -> bool:
                 self._read_timer.cancel()
                 self._read_timer = None
 
+        def _refuse(self, status: int, reason: str, message: str) -> None:
+            self._refused = True
+            if self.cycle is not None:
+                self.cycle.disconnected = True  # the app, if it still runs, must not write after this answer
+            _reply_and_close(self.transport, status, reason, message)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:
+                super().data_received(data)
+
         def _read_timed_out(self, what: str) -> None:
             self._read_timer = None
             if self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started:
                 self.transport.close()  # the app is answering; the client stopped reading or sending
                 return
-            _reply_and_close(self.transport, 408, "Request Timeout", f"the request {what} did not arrive in time")
+            self._refuse(408, "Request Timeout", f"the request {what} did not arrive in time")
 
         def _idle(self) -> bool:
             return self._read_timer is None and (self.cycle is None or self.cycle.response_complete)
@@ -96,7 +118,7 @@ def install() -> bool:
                         if len(self.connections) <= cfg.max_connections:
                             break
             if len(self.connections) > cfg.max_connections:
-                _reply_and_close(transport, 503, "Service Unavailable", "too many open connections")
+                self._refuse(503, "Service Unavailable", "too many open connections")
                 return
             self._arm(cfg.header_timeout_s, "headers")  # also bounds a connection that sends nothing
 
