@@ -22,7 +22,8 @@ from prompts_store.store import atomic_write
 from training import data as data_mod
 from training.config import TrainConfig
 from training.export import checksum, prompt_artifact
-from training.task import ClientState, Features, ensure_local, evaluate, local_train
+from training.task import (THETA_PRIOR_KEY, ClientState, Features, decode_theta_priors, ensure_local, evaluate,
+                           local_train)
 
 GLOBAL_PREFIX = "global/"
 PLACEHOLDER_KEY = "placeholder"  # FedAvg needs one array even when no method trains a global prompt
@@ -132,8 +133,9 @@ def make_client_app(cfg: TrainConfig | None = None) -> ClientApp:
         run = ClientRun(msg, context, cfg)
         globals_ = run.received_globals(msg)
         splits = {"personal": run.features["test"], "general": run.features["general"]}
+        priors = decode_theta_priors(msg.content["config"].get(THETA_PRIOR_KEY), tuple(run.cfg.theta_grid))
         results = evaluate(run.encoder, run.prompts, splits, run.features["val"], globals_, run.state,
-                           run.methods, run.cfg)
+                           run.methods, run.cfg, priors)
         run.save_state()
         metrics: dict[str, float | int] = {"num-examples": len(run.features["test"].y), "partition": run.partition,
                                            "global-checksum": checksum(globals_)}

@@ -26,7 +26,7 @@ from prompts_store.store import PromptStore, atomic_write
 from training.client_app import GLOBAL_PREFIX, PLACEHOLDER_KEY
 from training.config import TrainConfig
 from training.export import checksum, prompt_artifact
-from training.task import initial_context
+from training.task import THETA_PRIOR_KEY, encode_theta_priors, initial_context, pooled_theta_curves
 
 CHECKPOINT = "server/checkpoint.safetensors"
 
@@ -42,6 +42,8 @@ class PortfolioFedAvg(FedAvg):
         self.current: ArrayRecord | None = None
         self.pending: dict = {}
         self.started = time.time()
+        # per-client θ: the pooled validation curves of the last evaluation, sent with the next one
+        self.theta_priors = pooled_theta_curves(history[-1]["eval"], tuple(cfg.theta_grid)) if history else {}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -75,9 +77,15 @@ class PortfolioFedAvg(FedAvg):
                         "aggregate-checksum": checksum(globals_of(arrays))}
         return arrays, metrics
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if self.theta_priors:
+            config = ConfigRecord({**config, THETA_PRIOR_KEY: encode_theta_priors(self.theta_priors)})
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = [r for r in replies if not r.has_error()]
         rows = sorted((dict(r.content["metrics"]) for r in replies), key=lambda r: r["partition"])
+        self.theta_priors = pooled_theta_curves(rows, tuple(self.cfg.theta_grid))
         record = dict(self.pending, eval=rows, seconds=round(time.time() - self.started, 2))
         self.history.append(record)
         write_outputs(self.cfg, self.history, self.current, self.fingerprint)
