@@ -145,7 +145,7 @@ def test_federated_auto_theta_uses_the_pooled_curve_of_the_previous_round(tmp_pa
         for row in rows:  # each client's θ: its own curve, shrunk toward the last round's pooled curve
             own = portfolio.ThetaCurve(grid, tuple(row[f"val-accuracy/{key}"]), tuple(row[f"val-loss/{key}"]),
                                        int(row[f"val-n/{key}"]))
-            assert 0 < own.n < 10
+            assert own.n > 0
             assert row[f"theta/{key}"] == portfolio.select_theta(own, prior.get(key), cfg.theta_prior_weight).theta
         pooled = pooled_theta_curves(rows, grid)
         assert pooled[key].n == sum(int(r[f"val-n/{key}"]) for r in rows)
