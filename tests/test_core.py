@@ -68,7 +68,7 @@ def test_logits_use_exp_scale_and_normalised_images():
     assert torch.allclose(out, torch.exp(torch.tensor(2.0)) * F.normalize(img, dim=-1) @ text.T, atol=1e-5)
 
 
-def test_select_theta_minimises_validation_loss_where_accuracy_ties():
+def test_select_theta_breaks_accuracy_ties_by_validation_loss():
     # global features fit labels 0/1 only, local features fit all: the loss falls toward θ=1
     t_g = torch.eye(3)[[0, 1, 0]]
     t_l = torch.eye(3)
@@ -98,14 +98,15 @@ def test_pooled_prior_decides_for_tiny_validation_sets_and_own_data_for_large():
                                    portfolio.ThetaCurve(grid, (0.5, 0.6, 0.7), (1.0, 0.9, 0.8), 10)])
     assert prior.n == 40
     assert prior.loss == pytest.approx((1.15, 0.825, 0.5))  # weighted by validation size
+    assert prior.accuracy == pytest.approx((0.5, 0.675, 0.85))
     assert portfolio.pool_curves([portfolio.ThetaCurve(grid, (0,) * 3, (0,) * 3, 0)]) is None
-    own = portfolio.ThetaCurve(grid, (1.0, 1.0, 0.5), (0.3, 0.5, 0.7), 2)  # two images favour θ=0
+    own = portfolio.ThetaCurve(grid, (1.0, 0.9, 0.5), (0.3, 0.5, 0.7), 2)  # two images favour θ=0
     assert portfolio.select_theta(own).theta == 0.0
     assert portfolio.select_theta(own, prior, prior_weight=10).theta == 1.0  # the federation's curve wins
     many = portfolio.ThetaCurve(grid, own.accuracy, own.loss, 200)  # the same curve from 200 images
     assert portfolio.select_theta(many, prior, prior_weight=10).theta == 0.0
     choice = portfolio.select_theta(own, prior, prior_weight=10)
-    assert choice.scores[2] == pytest.approx((2 * 0.7 + 10 * 0.5) / 12)
+    assert choice.scores[2] == pytest.approx((2 * 0.5 + 10 * 0.85) / 12)  # shrunk accuracy
     assert choice.accuracy == 0.5  # own accuracy at the chosen θ
     with pytest.raises(ValueError, match="grid"):
         portfolio.select_theta(portfolio.ThetaCurve((0.0, 1.0), (1, 1), (1, 1), 2), prior, prior_weight=10)

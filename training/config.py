@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
     theta_grid: list[float] = Field(default_factory=lambda: list(THETA_GRID))
     # promptfolio-auto: how many validation images' worth of weight the federation's pooled θ curve
     # gets against a client's own (0: own curve only); README, per-client θ
-    theta_prior_weight: float = Field(10.0, ge=0)
+    theta_prior_weight: float = Field(20.0, ge=0)
     # data (simulation)
     data: str = "embedded"  # "embedded" or an ImageFolder path
     images_per_class: int = Field(20, ge=1)  # embedded world only
