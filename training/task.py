@@ -2,7 +2,8 @@
 
 Per step, all contexts of all methods (each method's copy of the global prompt and its local
 prompt) go through the text encoder in one `encode_many` call; each method's loss is plain
-cross-entropy on its portfolio logits. Parameters of different methods are disjoint and SGD is
+cross-entropy on its portfolio logits (for promptfolio-auto, summed over θ = 0, ½, 1: its
+reported loss is that sum). Parameters of different methods are disjoint and SGD is
 per-parameter, so summing the losses trains each method exactly as if it ran alone.
 """
 
