@@ -68,22 +68,50 @@ def test_logits_use_exp_scale_and_normalised_images():
     assert torch.allclose(out, torch.exp(torch.tensor(2.0)) * F.normalize(img, dim=-1) @ text.T, atol=1e-5)
 
 
-def test_select_theta_picks_best_and_breaks_ties_toward_half():
-    # global features fit labels 0/1 only, local features fit all: θ=1 region wins
+def test_select_theta_breaks_accuracy_ties_by_validation_loss():
+    # global features fit labels 0/1 only, local features fit all: the loss falls toward θ=1
     t_g = torch.eye(3)[[0, 1, 0]]
     t_l = torch.eye(3)
     img = torch.eye(3)
-    choice = portfolio.select_theta(img, torch.tensor([0, 1, 2]), t_g, t_l)
-    assert choice.accuracy == 1.0
-    assert choice.accuracies[0] < 1.0 and choice.accuracies[-1] == 1.0
-    # every θ with full accuracy ties: the one closest to 0.5 is chosen
-    perfect = [t for t, a in zip(choice.grid, choice.accuracies) if a == 1.0]
-    assert choice.theta == min(perfect, key=lambda t: abs(t - 0.5))
-    # all θ tie -> exactly 0.5
-    same = portfolio.select_theta(img, torch.tensor([0, 1, 2]), t_l, t_l)
-    assert same.theta == 0.5
+    curve = portfolio.theta_curve(img, torch.tensor([0, 1, 2]), t_g, t_l, logit_scale=2.0)
+    assert curve.n == 3 and curve.grid == portfolio.THETA_GRID
+    assert curve.accuracy[0] < 1.0 and curve.accuracy[-1] == 1.0
+    assert list(curve.loss) == sorted(curve.loss, reverse=True)
+    choice = portfolio.select_theta(curve)
+    assert choice.theta == 1.0 and choice.accuracy == 1.0
+    # two validation images, right at every θ (accuracy ties across the whole grid, as with
+    # the 2-27 images a client holds): the loss still ranks θ, so no fall back to 0.5
+    tiny = portfolio.theta_curve(img[:2], torch.tensor([0, 1]), t_g, t_l, logit_scale=2.0)
+    assert set(tiny.accuracy) == {1.0}
+    # (globally classes 0 and 2 share one feature, so the local branch is the more confident)
+    assert portfolio.select_theta(tiny).theta == 1.0
+    # identical branches: every θ ties exactly, and the tie goes to 0.5
+    same = portfolio.theta_curve(img, torch.tensor([0, 1, 2]), t_l, t_l, logit_scale=2.0)
+    assert portfolio.select_theta(same).theta == 0.5
     with pytest.raises(ValueError, match="at least one"):
-        portfolio.select_theta(img[:0], torch.tensor([]), t_l, t_l)
+        portfolio.theta_curve(img[:0], torch.tensor([], dtype=torch.int64), t_l, t_l, logit_scale=2.0)
+
+
+def test_pooled_prior_decides_for_tiny_validation_sets_and_own_data_for_large():
+    grid = (0.0, 0.5, 1.0)
+    prior = portfolio.pool_curves([portfolio.ThetaCurve(grid, (0.5, 0.7, 0.9), (1.2, 0.8, 0.4), 30),
+                                   portfolio.ThetaCurve(grid, (0.5, 0.6, 0.7), (1.0, 0.9, 0.8), 10)])
+    assert prior.n == 40
+    assert prior.loss == pytest.approx((1.15, 0.825, 0.5))  # weighted by validation size
+    assert prior.accuracy == pytest.approx((0.5, 0.675, 0.85))
+    assert portfolio.pool_curves([portfolio.ThetaCurve(grid, (0,) * 3, (0,) * 3, 0)]) is None
+    own = portfolio.ThetaCurve(grid, (1.0, 0.9, 0.5), (0.3, 0.5, 0.7), 2)  # two images favour θ=0
+    assert portfolio.select_theta(own).theta == 0.0
+    assert portfolio.select_theta(own, prior, prior_weight=10).theta == 1.0  # the federation's curve wins
+    many = portfolio.ThetaCurve(grid, own.accuracy, own.loss, 200)  # the same curve from 200 images
+    assert portfolio.select_theta(many, prior, prior_weight=10).theta == 0.0
+    choice = portfolio.select_theta(own, prior, prior_weight=10)
+    assert choice.scores[2] == pytest.approx((2 * 0.5 + 10 * 0.85) / 12)  # shrunk accuracy
+    assert choice.accuracy == 0.5  # own accuracy at the chosen θ
+    with pytest.raises(ValueError, match="grid"):
+        portfolio.select_theta(portfolio.ThetaCurve((0.0, 1.0), (1, 1), (1, 1), 2), prior, prior_weight=10)
+    with pytest.raises(ValueError, match="prior_weight"):
+        portfolio.select_theta(own, prior, prior_weight=-1)
 
 
 def test_only_context_gets_gradients(random_encoder):

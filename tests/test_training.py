@@ -16,7 +16,9 @@ from prompts_store.artifact import read_artifact
 from training.config import TrainConfig, parse_method
 from training.data import DataError, dirichlet_partition, read_imagefolder
 from training.export import checksum
-from training.task import ClientState, Features, ensure_local, initial_context, local_train
+from promptfolio import portfolio
+from training.task import (ClientState, Features, clip_groups, decode_theta_priors, encode_theta_priors, ensure_local,
+                           initial_context, local_train, method_loss, pooled_theta_curves)
 
 N_CLIENTS = 3
 
@@ -118,6 +120,47 @@ def test_methods_trained_side_by_side_equal_methods_trained_alone(embedded_encod
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
     assert not torch.allclose(results[0][0], initial_context(embedded_encoder, cfg, seed=0))
+
+
+def test_auto_trains_both_ends_of_the_mix(embedded_encoder):
+    """promptfolio-auto's loss sums over AUTO_TRAIN_THETAS and each of its prompts is clipped alone."""
+    gen = torch.Generator().manual_seed(0)
+    t_g, t_l = (torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1) for _ in range(2))
+    x, y, scale = torch.randn(5, 8, generator=gen), torch.tensor([0, 1, 2, 0, 1]), torch.tensor(2.0)
+    expected = sum(torch.nn.functional.cross_entropy(portfolio.logits(x, portfolio.mix(t_g, t_l, t), scale), y)
+                   for t in (0.0, 0.5, 1.0))
+    auto = method_loss(parse_method("promptfolio-auto"), t_g, t_l, ClientState(), x, y, scale)
+    assert torch.allclose(auto, expected)
+    fixed = method_loss(parse_method("promptfolio-0.5"), t_g, t_l, ClientState(theta={"promptfolio-0.5": 0.9}), x, y, scale)
+    assert not torch.allclose(fixed, auto)
+    methods = [parse_method(m) for m in ("promptfolio-0.4", "promptfolio-auto", "local")]
+    params = {(m.key, part): torch.zeros(1) for m in methods for part in ("global", "local")
+              if (part == "global" and m.trains_global) or (part == "local" and m.trains_local)}
+    sizes = [len(g) for g in clip_groups(methods, list(params), params)]
+    assert sizes == [2, 1, 1, 1]  # fixed θ: one clip for both prompts; auto: one per prompt; local: its own
+
+
+def test_federated_auto_theta_uses_the_pooled_curve_of_the_previous_round(tmp_path):
+    out = tmp_path / "auto"
+    r = train_cli("--clients", str(N_CLIENTS), "--rounds", "2", "--methods", "promptfolio-auto", "--images-per-class",
+                  "6", "--local-epochs", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = TrainConfig.model_validate(metrics["config"])
+    grid, key = tuple(cfg.theta_grid), "promptfolio-auto"
+    assert cfg.theta_prior_weight > 0
+    prior: dict = {}
+    for record in metrics["rounds"]:
+        rows = record["eval"]
+        for row in rows:  # each client's θ: its own curve, shrunk toward the last round's pooled curve
+            own = portfolio.ThetaCurve(grid, tuple(row[f"val-accuracy/{key}"]), tuple(row[f"val-loss/{key}"]),
+                                       int(row[f"val-n/{key}"]))
+            assert own.n > 0
+            assert row[f"theta/{key}"] == portfolio.select_theta(own, prior.get(key), cfg.theta_prior_weight).theta
+        pooled = pooled_theta_curves(rows, grid)
+        assert pooled[key].n == sum(int(r[f"val-n/{key}"]) for r in rows)
+        assert decode_theta_priors(encode_theta_priors(pooled), grid) == pooled  # the wire round-trips
+        prior = pooled
 
 
 def test_data_errors_are_clear(tmp_path):

@@ -25,7 +25,8 @@ from training import data as data_mod
 from training.config import TrainConfig
 from training.exchange import client_failure, pack_globals, unpack_globals
 from training.export import checksum, prompt_artifact
-from training.task import ClientState, Features, ensure_local, evaluate, local_train
+from training.task import (THETA_PRIOR_KEY, ClientState, Features, decode_theta_priors, ensure_local, evaluate,
+                           local_train)
 
 
 @functools.lru_cache(maxsize=2)
@@ -135,7 +136,9 @@ def train_step(run: ClientRun, msg: Message) -> Message:
 def evaluate_step(run: ClientRun, msg: Message) -> Message:
     globals_ = unpack_globals(msg.content["arrays"])
     splits = {"personal": run.features["test"], "general": run.features["general"]}
-    results = evaluate(run.encoder, run.prompts, splits, run.features["val"], globals_, run.state, run.methods, run.cfg)
+    priors = decode_theta_priors(msg.content["config"].get(THETA_PRIOR_KEY), tuple(run.cfg.theta_grid))
+    results = evaluate(run.encoder, run.prompts, splits, run.features["val"], globals_, run.state, run.methods,
+                       run.cfg, priors)
     run.save_state()
     metrics: dict[str, float | int] = {"num-examples": len(run.features["test"].y), "partition": run.partition,
                                        "global-checksum": checksum(globals_)}

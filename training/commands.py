@@ -18,6 +18,8 @@ FLAGS = {
     "clip-norm": ("clip_norm", float, "per-client gradient-norm clip; 0 disables"),
     "n-ctx": ("n_ctx", int, "context tokens (other than 4 with --ctx-init random)"),
     "ctx-init": ("ctx_init", str, "initial context phrase, or 'random' for N(0, 0.02)"),
+    "theta-prior-weight": ("theta_prior_weight", float, "promptfolio-auto: weight, in validation images, of the "
+                                                        "federation's pooled θ curve against a client's own"),
     "data": ("data", str, "'embedded' or your image folder (one sub-folder per class) to partition"),
     "images-per-class": ("images_per_class", int, "embedded world size"),
     "beta": ("beta", float, "Dirichlet concentration over labels"),

@@ -86,6 +86,9 @@ class TrainConfig(BaseModel):
     n_ctx: int = Field(4, ge=1, le=64)
     ctx_init: str | None = ZERO_SHOT_PHRASE  # phrase, or None (CLI: random) for N(0, 0.02)
     theta_grid: list[float] = Field(default_factory=lambda: list(THETA_GRID))
+    # promptfolio-auto: how many validation images' worth of weight the federation's pooled θ curve
+    # gets against a client's own (0: own curve only); README, per-client θ
+    theta_prior_weight: float = Field(20.0, ge=0)
     # data (simulation)
     data: str = "embedded"  # "embedded" or an ImageFolder path
     images_per_class: int = Field(20, ge=1)  # embedded world only

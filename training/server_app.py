@@ -24,7 +24,7 @@ from training.config import TrainConfig
 from training.data import DataPlan
 from training.exchange import allowed_keys, failure_of, pack_globals, unpack_globals
 from training.export import checksum
-from training.task import initial_context
+from training.task import THETA_PRIOR_KEY, encode_theta_priors, initial_context, pooled_theta_curves
 
 
 class ClientsFailed(RuntimeError):
@@ -45,6 +45,8 @@ class PortfolioFedAvg(FedAvg):
         self.pending: dict = {}
         self.featured: set[int] = set()
         self.started = time.time()
+        # per-client θ: the pooled validation curves of the last evaluation, sent with the next one
+        self.theta_priors = pooled_theta_curves(history[-1]["eval"], tuple(cfg.theta_grid)) if history else {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -55,6 +57,8 @@ class PortfolioFedAvg(FedAvg):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if self.theta_priors:  # per-client θ: the federation's pooled validation curves from the last round
+            config = ConfigRecord({**config, THETA_PRIOR_KEY: encode_theta_priors(self.theta_priors)})
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.expected = len(messages)
         return messages
@@ -116,6 +120,7 @@ class PortfolioFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         ok = self._successful(server_round, replies, "evaluate")
         rows = sorted((dict(r.content["metrics"]) for r in ok), key=lambda r: r["partition"])
+        self.theta_priors = pooled_theta_curves(rows, tuple(self.cfg.theta_grid))
         record = dict(self.pending, eval=rows, seconds=round(time.time() - self.started, 2))
         self.history.append(record)
         outputs.write_metrics(self.cfg, self.history, self.failures)
