@@ -1,6 +1,7 @@
 """Overload and fairness on the real server, measured side by side in one run on this machine.
 
-    .venv/bin/python bench/overload.py [--seconds 30] [--tenants 50] [--deadline 1.0]
+    .venv/bin/python bench/reliability.py overload|fairness [--seconds 30] [--tenants 50] [--deadline 1.0]
+    .venv/bin/python bench/overload.py [--seconds 30] [--tenants 50] [--deadline 1.0]   (both parts)
 
 1. capacity: closed loop (16 clients) of classify requests, spread over the tenants -> req/s.
 2. overload: open-loop Poisson arrivals at 70% and 120% of that capacity for --seconds each,
@@ -195,14 +196,15 @@ def _setup(server, tenants: int) -> tuple[dict[str, str], list[bytes], list[byte
     return keys, classify, uploads
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser, parts: str = "overload,fairness") -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each open-loop run")
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--deadline", type=float, default=1.0, help="PROMPTFOLIO_ADMISSION_DEADLINE_S")
-    parser.add_argument("--parts", default="overload,fairness", help="which parts to run")
-    parser.add_argument("--out", default="overload.json")
-    args = parser.parse_args()
+    parser.add_argument("--parts", default=parts, help="which parts to run")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Start a server, run the parts asked for, print the tables (and write JSON to args.out)."""
     from service_helpers import Server
 
     base = Path(tempfile.mkdtemp(prefix="pf-overload-"))
@@ -218,10 +220,18 @@ def main() -> int:
             _print_overload(rows, args)
         if "fairness" in args.parts:
             fair = _fairness_run(server, keys)
-        Path(args.out).write_text(json.dumps({"capacity_rps": capacity, "overload": rows, "fairness": fair},
-                                             indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"capacity_rps": capacity, "overload": rows, "fairness": fair},
+                                                 indent=1))
     finally:
         server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--out", default="overload.json")
+    run(parser.parse_args())
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Reliability benchmark (not a timed test): kill loop, soak, restart-to-ready. Prints tables.
+"""Reliability benchmark (not a timed test): kill loop, soak, restart-to-ready, overload, fairness.
+Prints tables.
 
     python bench/reliability.py kill --kills 100      # SIGKILL the whole server tree during writes
     python bench/reliability.py soak --minutes 10     # steady load at a fraction of capacity
     python bench/reliability.py restart --runs 5 [--compare /path/to/other/checkout]
+    python bench/reliability.py overload [--seconds 30]   # 70% and 120% of capacity: p50/p99, shed
+    python bench/reliability.py fairness                  # a probe beside a worst-case legal request
 
 kill: each round starts the server on the same store, runs upload, PATCH (θ) and rollback streams
 against their own tenants for a random 0.5-2 s, then SIGKILLs the server and all its processes. After
@@ -45,6 +48,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import overload  # noqa: E402  (bench/overload.py: the overload and fairness parts)
 from promptfolio.embedded import world  # noqa: E402
 from promptfolio.encoder import load_encoder  # noqa: E402
 from promptfolio.prompts import init_context  # noqa: E402
@@ -474,6 +478,12 @@ def main() -> int:
     p.add_argument("--tenants", type=int, default=20)
     p.add_argument("--compare", help="another checkout to measure the same way (e.g. before a change)")
     p.set_defaults(func=restart)
+    p = sub.add_parser("overload", help="open-loop load at 70%% and 120%% of measured capacity: p50/p99, shed")
+    overload.add_arguments(p, parts="overload")
+    p.set_defaults(func=overload.run)
+    p = sub.add_parser("fairness", help="a small probe's latency beside a worst-case legal request")
+    overload.add_arguments(p, parts="fairness")
+    p.set_defaults(func=overload.run)
     args = parser.parse_args()
     args.func(args)
     return 0
