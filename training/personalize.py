@@ -22,7 +22,7 @@ from prompts_store.artifact import ArtifactError, PromptMeta, artifact_bytes, re
 from prompts_store.store import atomic_write, validate_tenant_id
 from training import data as data_mod
 from training.config import Method, TrainConfig
-from training.task import ClientState, Features, local_train
+from training.task import ClientState, Features, choose_theta, local_train
 
 LATE_JOINER = -1  # the partition id a site outside the simulation uses for its style seeds
 
@@ -129,8 +129,7 @@ def personalize(global_artifact: str | Path | bytes, data: str | Path, out: str 
     local_ctx = state.local[method.key]
     with torch.no_grad():
         t_global, t_local = prompts.encode_many(torch.stack([g_ctx, local_ctx]))
-    theta = portfolio.select_theta(val.x, val.y, t_global, t_local, tuple(cfg.theta_grid)).theta if len(val.y) \
-        else train_theta
+    theta = choose_theta(encoder, val, t_global, t_local, cfg)[0] if len(val.y) else train_theta
     meta = PromptMeta(kind="local", tenant=tenant, encoder=encoder.fingerprint, n_ctx=local_ctx.shape[0],
                       width=local_ctx.shape[1], classes=classes, theta=theta, producer="personalize",
                       global_sha256=g_meta.content_sha256, global_version=g_meta.version or None)
