@@ -38,6 +38,18 @@ def check_room(engine: Engine, n_ctx: int) -> None:
                          f"context length {engine.encoder.context_length} (at most {limit} context tokens)")
 
 
+def _class_list_note(trained: list[str], served: list[str]) -> str:
+    """How the artifact's class list differs from the tenant's, said precisely."""
+    if sorted(trained) == sorted(served):
+        what = f"trained on the tenant's {len(served)} classes in another order"
+    else:
+        extra, missing = set(trained) - set(served), set(served) - set(trained)
+        what = (f"trained on {len(trained)} classes ({len(extra)} not among the tenant's {len(served)}, "
+                f"{len(missing)} of the tenant's not among them)")
+    return (f"{what}: a context is class-agnostic, so it is served with the tenant's classes (the artifact's "
+            f"list is kept in its metadata)")
+
+
 def register(engine: Engine, tenant: str, classes: list[str], theta: float | None) -> tuple[str, TenantView]:
     with engine.write_lock:
         record, key = engine.store.new_record(tenant, classes, theta)
@@ -78,9 +90,7 @@ def upload_local(engine: Engine, tenant: str, data: bytes, allow_unpinned: bool 
             producer = f"upload (artifact named tenant {meta.tenant!r})"
             result.notes.append(f"the artifact names tenant {meta.tenant!r}; stored as {tenant!r}'s local prompt")
         if meta.classes and meta.classes != record.classes:
-            result.notes.append(f"trained on {len(meta.classes)} class(es) that differ from the tenant's "
-                                f"{len(record.classes)}: a context is class-agnostic, so it is served with the "
-                                f"tenant's classes (the artifact's list is kept in its metadata)")
+            result.notes.append(_class_list_note(meta.classes, record.classes))
         pointer = TenantPointer(local_sha256=meta.content_sha256, local_theta=meta.theta,
                                 trained_with_sha256=meta.global_sha256, trained_with_version=pin, global_version=pin,
                                 global_sha256=None if pin is None else engine.store.global_sha(pin))
