@@ -368,6 +368,13 @@ async def _soak(server: Server, keys: dict[str, str], images: list[bytes], rate:
             except httpx.HTTPError:
                 record("upload failed")
 
+        def spawn(coro) -> None:
+            # O(1) bookkeeping: rebuilding the pending set every request made the generator's own cost grow
+            # with its backlog, a feedback loop that throttled it (and sent bursts) once the server slowed
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         while time.perf_counter() - start < minutes * 60:
             now = time.perf_counter()
             if now >= next_minute:
@@ -376,10 +383,9 @@ async def _soak(server: Server, keys: dict[str, str], images: list[bytes], rate:
                 current = {"statuses": {}, "latencies": []}
                 next_minute += 60
             if now >= next_upload:
-                tasks.add(asyncio.create_task(up(tenants[i % len(tenants)], 5000 + i)))
+                spawn(up(tenants[i % len(tenants)], 5000 + i))
                 next_upload += upload_every_s
-            tasks.add(asyncio.create_task(one(tenants[i % len(tenants)], images[i % len(images)])))
-            tasks = {task for task in tasks if not task.done()}
+            spawn(one(tenants[i % len(tenants)], images[i % len(images)]))
             i += 1
             await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         await asyncio.gather(*tasks)
