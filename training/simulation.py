@@ -114,7 +114,9 @@ def simulate(cfg: TrainConfig) -> dict:
         bring_loopback_up()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="pf-ray-"))
+    ray_tmp = None
+    if "RAY_TMPDIR" not in os.environ:  # ours to remove when the run ends (Ray leaves its session files)
+        ray_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="pf-ray-")
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     prepare_plan(cfg)
     (cfg.out_dir / "config.json").write_text(cfg.to_json() + "\n")
@@ -126,8 +128,12 @@ def simulate(cfg: TrainConfig) -> dict:
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, min(os.cpu_count() or 1, cfg.num_clients)),
                              "include_dashboard": False, "logging_level": "error", "log_to_driver": False}}
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
-                   num_supernodes=cfg.num_clients, backend_config=backend)
+    try:
+        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                       num_supernodes=cfg.num_clients, backend_config=backend)
+    finally:
+        if ray_tmp is not None:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     metrics = read_metrics(cfg.out_dir)
     if metrics is None:
         raise TrainingFailed(f"the federated run produced no metrics; see {cfg.out_dir / 'flower.log'}")
