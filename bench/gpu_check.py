@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import sys
 import tempfile
 import time
@@ -181,20 +180,6 @@ def throughput_table(plan: Plan, enc, backend) -> dict[str, float]:
     return best
 
 
-def jpegs(n: int, size: int) -> list[bytes]:
-    from PIL import Image
-
-    from promptfolio.embedded import world
-
-    images, _ = world.task_dataset(n, world.calibrated("noise"), seed=5)
-    out = []
-    for im in images:
-        buf = io.BytesIO()
-        Image.fromarray(im).resize((size, size), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 async def load(url: str, key: str, images: list[bytes], per_request: int, requests: int,
                concurrency: int) -> tuple[float, list[float], int]:
     """Concurrent clients; returns (images/s, latencies of the successful requests, failed requests)."""
@@ -249,7 +234,9 @@ def check_service(plan: Plan, best: dict[str, float], base: Path) -> bool:
         if r.status_code != 201:
             return report(False, f"register a tenant: HTTP {r.status_code} {r.text[:200]}")
         key = r.json()["api_key"]
-        images = jpegs(64, info["image_size"])
+        from serve import jpeg_images  # bench/serve.py: the same noise-style JPEGs as the serving benchmark
+
+        images = jpeg_images(64, info["image_size"])
         raw = best.get(info["backend"], 0.0)
         print("| images/request | requests | images/s | p50 ms | p99 ms | service/raw |\n|---|---|---|---|---|---|")
         for per_request in (1, 32):

@@ -3,8 +3,8 @@
 `probe` reads only the header and refuses what would be expensive: a side over the limit, an
 extreme aspect ratio, too many input pixels, too many pixels held after the (reduced-size)
 decode, and too many pixels produced by the resize to the encoder's size (the resize scales the
-short side *up* to the target, so a 1×80,000 strip would become 224×17.9 M). `decode` then
-decodes at reduced size where the format allows (JPEG DCT scaling via `draft`), shrinks by an
+short side *up* to the target, so a 1×80,000 strip would become 224×17.9 M). `decode_probed`
+then decodes at reduced size where the format allows (JPEG DCT scaling via `draft`), shrinks by an
 integer box filter in the image's own mode before converting to RGB (a 1-bit or grey image never
 exists as full-size RGB), applies the EXIF orientation and runs the encoder's own preprocess.
 """
@@ -149,8 +149,3 @@ def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
     """
     mallopt = getattr(_LIBC, "mallopt", None)
     return bool(mallopt is not None and mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-
-
-def decode(data: bytes, name: str, preprocess, limits: ImageLimits) -> torch.Tensor:
-    """bytes -> float `[3, H, W]`: `probe` then `decode_probed`."""
-    return decode_probed(probe(data, name, limits), preprocess, limits.target_size)
