@@ -184,7 +184,7 @@ def _setup(server, tenants: int) -> tuple[dict[str, str], list[bytes], list[byte
     classes = ["red circle", "blue star", "green square", "yellow triangle", "purple cross", "orange circle"]
     keys, classify, uploads = {}, [], []
     for i in range(tenants):
-        r = httpx.post(f"{server.url}/v1/tenants", json={"id": f"t{i}", "classes": classes}, headers=auth(ADMIN_KEY))
+        r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": f"t{i}", "classes": classes}, headers=auth(ADMIN_KEY))
         keys[f"t{i}"] = key = r.json()["api_key"]
         content_type, body = multipart([png(images[(i + j) % 64]) for j in range(4)])
         classify.append(request_bytes(f"/v1/tenants/t{i}/classify", key, content_type, body))

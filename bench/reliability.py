@@ -146,7 +146,7 @@ def global_artifact(encoder, seed: int) -> bytes:
 
 
 def register(url: str, tenant: str) -> str:
-    r = httpx.post(f"{url}/v1/tenants", json={"id": tenant, "classes": CLASSES}, headers=auth(ADMIN), timeout=60)
+    r = httpx.post(f"{url}/v1/tenants", json={"tenant": tenant, "classes": CLASSES}, headers=auth(ADMIN), timeout=60)
     r.raise_for_status()
     return r.json()["api_key"]
 

@@ -11,6 +11,18 @@ class UnknownTenant(StoreError):
     pass
 
 
+class TenantExists(StoreError):
+    """A tenant with this id is already registered."""
+
+
+class UnknownVersion(StoreError):
+    """A prompt version the store does not hold."""
+
+
+class NothingToRollBack(StoreError):
+    """A rollback without a version, where no version older than the current exists."""
+
+
 class NoStore(StoreError):
     """The path holds no prompts store (and nobody asked to create one)."""
 

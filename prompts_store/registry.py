@@ -9,13 +9,15 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator
 
 from prompts_store.artifact import TENANT_PATTERN
-from prompts_store.errors import StoreError, UnknownTenant
+from prompts_store.errors import StoreError, TenantExists, UnknownTenant
 from prompts_store.files import atomic_write, locked
 from prompts_store.keys import hash_key, key_matches, new_key
 from promptfolio.portfolio import check_theta
 
 MAX_CLASSES = 1000
 MAX_CLASS_NAME = 100
+# no control characters, no space at either end: a rule a JSON schema (the REST API's) can state exactly
+CLASS_NAME_PATTERN = r"^[^\x00-\x20\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f])?$"
 
 
 def validate_tenant_id(tenant: str) -> str:
@@ -31,10 +33,12 @@ def validate_classes(classes: list[str]) -> list[str]:
     if len(classes) > MAX_CLASSES:
         raise StoreError(f"at most {MAX_CLASSES} classes, got {len(classes)}")
     cleaned = [c.strip() if isinstance(c, str) else c for c in classes]
-    bad = [c for c in cleaned if not isinstance(c, str) or not c or len(c) > MAX_CLASS_NAME or not c.isprintable()]
+    bad = [c for c in cleaned
+           if not isinstance(c, str) or len(c) > MAX_CLASS_NAME or not re.fullmatch(CLASS_NAME_PATTERN, c)]
     if bad:
         shown = [b[:40] + "…" if isinstance(b, str) and len(b) > 40 else b for b in bad[:3]]
-        raise StoreError(f"class names must be non-empty printable text of at most {MAX_CLASS_NAME} characters: "
+        raise StoreError(f"class names must be non-empty text without control characters, of at most "
+                         f"{MAX_CLASS_NAME} characters: "
                          f"{shown!r}")
     if len(set(cleaned)) != len(cleaned):
         raise StoreError("class names must be unique")
@@ -83,7 +87,7 @@ class TenantRegistry:
 
     def tenant_exists_check(self, tenant: str) -> None:
         if (self._scope(tenant) / "tenant.json").exists():
-            raise StoreError(f"tenant {tenant!r} already exists")
+            raise TenantExists(f"tenant {tenant!r} already exists")
 
     def add_tenant(self, tenant: str, classes: list[str], theta: float | None = None,
                    record: tuple[TenantRecord, str] | None = None) -> str:
@@ -92,7 +96,7 @@ class TenantRegistry:
         scope = self._scope(tenant)
         with locked(scope):
             if (scope / "tenant.json").exists():
-                raise StoreError(f"tenant {tenant!r} already exists")
+                raise TenantExists(f"tenant {tenant!r} already exists")
             atomic_write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
         return key
 
@@ -133,6 +137,10 @@ class TenantRegistry:
     def tenants(self) -> list[str]:
         base = self.root / "tenants"
         return sorted(p.name for p in base.iterdir() if (p / "tenant.json").is_file())
+
+    def tenant_page(self, after: str | None, limit: int) -> list[str]:
+        """Up to `limit` tenant ids in ascending order, strictly after `after` (None: from the start)."""
+        return [t for t in self.tenants() if after is None or t > after][:limit]
 
     def verify_key(self, tenant: str, key: str) -> bool:
         try:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,9 @@ from pydantic import ValidationError
 from prompts_store.artifact import (
     MAX_ARTIFACT_BYTES, ArtifactError, PromptMeta, artifact_bytes, content_sha256, read_artifact,
 )
-from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant  # noqa: F401 - re-exported
+from prompts_store.errors import (  # noqa: F401 - re-exported
+    NoStore, NothingToRollBack, StoreError, UnknownGlobal, UnknownTenant, UnknownVersion,
+)
 from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries  # noqa: F401
 from prompts_store.keys import hash_key, key_tenant  # noqa: F401 - re-exported
 from prompts_store.layout import open_root
@@ -45,6 +49,7 @@ __all__ = ["PromptStore", "StoredPrompt", "StoreError", "UnknownTenant", "Unknow
            "atomic_write", "fsync_dir", "hash_key", "key_tenant", "TenantRecord", "Serving", "TenantPointer"]
 
 VERSION_RE = re.compile(r"^v(\d{6,})\.safetensors$")
+TRASH_DIR = ".trash"  # deleted tenants' folders, moved here in one rename, then removed
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,34 @@ class PromptStore(TenantRegistry):
 
     def recover(self) -> int:
         """Remove temporary files a crash left behind; returns how many. Call while no writer runs."""
-        return remove_temporaries(self.root)
+        return remove_temporaries(self.root) + self._empty_trash()
+
+    def _empty_trash(self) -> int:
+        trash = self.root / TRASH_DIR
+        if not trash.is_dir():
+            return 0
+        folders = list(trash.iterdir())
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(folders)
+
+    def delete_tenant(self, tenant: str) -> None:
+        """Remove a tenant with its versions, key and persisted features; other tenants are untouched.
+
+        Crash-safe: the tenant's folder leaves `tenants/` in one rename (to `.trash/`, same file
+        system), so at every instant the tenant is either whole and served or gone entirely (its key
+        fails at once); the folder is then removed, and `recover()` finishes a removal a crash cut short.
+        """
+        scope = self._require_tenant(tenant)
+        trash = self.root / TRASH_DIR
+        trash.mkdir(exist_ok=True)
+        with locked(scope):  # waits for a writer of this tenant to finish
+            self._require_tenant(tenant)
+            doomed = trash / f"{tenant}-{secrets.token_hex(6)}"
+            os.rename(scope, doomed)
+            fsync_dir(scope.parent)
+            fsync_dir(trash)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     # ---- prompt versions ----------------------------------------------------------------
     def versions(self, tenant: str | None = None) -> list[int]:
@@ -101,7 +133,7 @@ class PromptStore(TenantRegistry):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"version {version} of {'the global prompt' if tenant is None else tenant!r} "
+            raise UnknownVersion(f"version {version} of {'the global prompt' if tenant is None else tenant!r} "
                              f"does not exist") from None
         ctx, meta = read_artifact(data, self.fingerprint, self.width)
         return StoredPrompt(ctx, meta)
@@ -237,7 +269,7 @@ class PromptStore(TenantRegistry):
         scope = self._scope(None)
         with locked(scope):
             if version not in self.versions(None):
-                raise StoreError(f"global version {version} does not exist (have {self.versions(None)[-10:]})")
+                raise UnknownVersion(f"global version {version} does not exist (have {self.versions(None)[-10:]})")
             pointer = GlobalPointer(version=version, sha256=self.meta(None, version).content_sha256)
             atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
         return pointer
@@ -246,7 +278,7 @@ class PromptStore(TenantRegistry):
         scope = self._require_tenant(tenant)
         with locked(scope):
             if pointer.local is not None and pointer.local not in self.versions(tenant):
-                raise StoreError(f"version {pointer.local} of {tenant!r} does not exist")
+                raise UnknownVersion(f"version {pointer.local} of {tenant!r} does not exist")
             atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
         return pointer
 
@@ -259,10 +291,10 @@ class PromptStore(TenantRegistry):
         if version is None:
             older = [v for v in existing if current is not None and v < current]
             if not older:
-                raise StoreError("no earlier version to roll back to")
+                raise NothingToRollBack("no earlier version to roll back to")
             return older[-1]
         if version not in existing:
-            raise StoreError(f"version {version} does not exist (have {existing[-10:]})")
+            raise UnknownVersion(f"version {version} does not exist (have {existing[-10:]})")
         return version
 
     def rollback_pointer(self, tenant: str, version: int) -> TenantPointer:
@@ -273,7 +305,7 @@ class PromptStore(TenantRegistry):
         """The tenant's current local prompt served with `global_version` (None: follow the current)."""
         current = self.tenant_pointer(tenant)
         if global_version is not None and global_version != 0 and global_version not in self.versions(None):
-            raise StoreError(f"global version {global_version} does not exist (have {self.versions(None)[-10:]})")
+            raise UnknownVersion(f"global version {global_version} does not exist (have {self.versions(None)[-10:]})")
         sha = None if global_version is None else self.global_sha(global_version)
         return current.model_copy(update={"global_version": global_version, "global_sha256": sha,
                                           "repinned": global_version is None or sha != current.trained_with_sha256})

@@ -7,23 +7,38 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_STORE = os.environ.get("PROMPTFOLIO_STORE", ".cache/store")
+from service.config import ServiceConfig, env_name
+
+# flags of `promptfolio serve` that set a ServiceConfig field; a flag not given leaves the service's
+# own setting (PROMPTFOLIO_* environment, else ServiceConfig's default): one source of defaults
+SERVE_SETTINGS = ("store", "arch", "pretrained", "admin_key")
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    return Path(args.store if args.store is not None else ServiceConfig.setting("store"))
+
+
+def serve_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """The service's environment: `environ` with the given flags as PROMPTFOLIO_* settings."""
+    env = dict(environ)
+    env.update({env_name(name): str(getattr(args, name)) for name in SERVE_SETTINGS
+                if getattr(args, name) is not None})
+    env[env_name("store")] = str(Path(ServiceConfig.setting("store", env)).resolve())
+    env["BENTOML_DO_NOT_TRACK"] = "true"
+    env.setdefault("BENTOML_HOME", str(Path(".cache/bentoml").resolve()))
+    return env
 
 
 def _serve(args: argparse.Namespace) -> int:
     from prompts_store.layout import open_root
 
-    open_root(args.store, create=args.init)  # a missing store is an error (exit 2) unless --init
-    env = dict(os.environ)
-    env.update({"PROMPTFOLIO_STORE": str(Path(args.store).resolve()), "PROMPTFOLIO_ARCH": args.arch,
-                "PROMPTFOLIO_PRETRAINED": args.pretrained, "BENTOML_DO_NOT_TRACK": "true"})
-    env.setdefault("BENTOML_HOME", str(Path(".cache/bentoml").resolve()))
-    if args.admin_key:
-        env["PROMPTFOLIO_ADMIN_KEY"] = args.admin_key
+    env = serve_env(args, dict(os.environ))
+    store = env[env_name("store")]
+    open_root(store, create=args.init)  # a missing store is an error (exit 2) unless --init
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:PromptFolio", "--working-dir", str(root),
            "--host", args.host, "--port", str(args.port)]
-    print(f"serving on http://{args.host}:{args.port}/v1 (store {env['PROMPTFOLIO_STORE']})", file=sys.stderr)
+    print(f"serving on http://{args.host}:{args.port}/v1 (store {store})", file=sys.stderr)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
 
@@ -31,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _store(args: argparse.Namespace, create: bool = False):
     from prompts_store.store import PromptStore
 
-    return PromptStore(args.store, create=create)
+    return PromptStore(_store_path(args), create=create)
 
 
 def _classes(args: argparse.Namespace) -> list[str]:
@@ -94,19 +109,22 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting_help(name: str, what: str) -> str:
+    return f"{what} (default: ${env_name(name)}, else {ServiceConfig.model_fields[name].default})"
+
+
 def add_commands(sub) -> None:
     from promptfolio.commands import add_encoder_args
 
     p = sub.add_parser("serve", help="run the REST service (BentoML) on the embedded default")
     add_encoder_args(p)
-    # the service's own environment settings are the defaults here, so the CLI never overrides them
-    p.set_defaults(arch=os.environ.get("PROMPTFOLIO_ARCH", "embedded"),
-                   pretrained=os.environ.get("PROMPTFOLIO_PRETRAINED", "embedded"))
-    p.add_argument("--store", default=DEFAULT_STORE, help="prompts store folder (default %(default)s)")
+    # not given: the service's own setting (environment, else ServiceConfig's default)
+    p.set_defaults(arch=None, pretrained=None)
+    p.add_argument("--store", default=None, help=_setting_help("store", "prompts store folder"))
     p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--admin-key", default=os.environ.get("PROMPTFOLIO_ADMIN_KEY"),
-                   help="enables the admin endpoints (or PROMPTFOLIO_ADMIN_KEY)")
+    p.add_argument("--admin-key", default=None,
+                   help="enables the admin endpoints (or PROMPTFOLIO_ADMIN_KEY; a flag shows in `ps`)")
     p.add_argument("--init", action="store_true", help="create the store if the folder holds none")
     p.set_defaults(handler=_serve)
 
@@ -117,14 +135,14 @@ def add_commands(sub) -> None:
     p.add_argument("--classes", help="comma-separated class names")
     p.add_argument("--classes-file", help="one class name per line")
     p.add_argument("--theta", type=float, help="fixed θ (default: the uploaded artifact's θ, else 0.4)")
-    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--store", default=None, help=_setting_help("store", "prompts store folder"))
     p.set_defaults(handler=_tenant_add)
     p = tsub.add_parser("list", help="list tenants")
-    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--store", default=None, help=_setting_help("store", "prompts store folder"))
     p.set_defaults(handler=_tenant_list)
     p = tsub.add_parser("rotate-key", help="issue a new API key (the old one stops working)")
     p.add_argument("tenant")
-    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--store", default=None, help=_setting_help("store", "prompts store folder"))
     p.set_defaults(handler=_tenant_rotate)
 
     p = sub.add_parser("upload", help="upload a prompt artifact to a running service over REST")

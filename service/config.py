@@ -10,6 +10,10 @@ from pydantic import BaseModel, Field, field_validator
 ENV_PREFIX = "PROMPTFOLIO_"
 
 
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
 class ServiceConfig(BaseModel):
     store: Path = Path(".cache/store")  # prompts store root
     arch: str = "embedded"  # open_clip architecture, or "embedded"
@@ -40,17 +44,23 @@ class ServiceConfig(BaseModel):
     max_connections: int = Field(1024, ge=1)  # beyond it idle connections are closed, then new ones refused
     cache_mb: float = Field(256.0, gt=0)  # tenant feature cache bound
     decode_threads: int = Field(2, ge=1, le=64)
-    top_k: int = Field(5, ge=1)
+
+    @classmethod
+    def env_values(cls, environ: dict[str, str] | None = None) -> dict[str, str]:
+        """The settings the environment gives (raw text, not yet validated), by field name."""
+        environ = dict(os.environ if environ is None else environ)
+        return {name: raw for name in cls.model_fields
+                if (raw := environ.get(env_name(name))) is not None and raw != ""}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "ServiceConfig":
-        environ = dict(os.environ if environ is None else environ)
-        values: dict[str, object] = {}
-        for name in cls.model_fields:
-            raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is not None and raw != "":
-                values[name] = raw
-        return cls.model_validate(values)
+        return cls.model_validate(cls.env_values(environ))
+
+    @classmethod
+    def setting(cls, name: str, environ: dict[str, str] | None = None) -> object:
+        """One setting as the service will see it (environment, else the default), without validating the
+        others (which may import torch): what `promptfolio serve` needs to check before it starts."""
+        return cls.env_values(environ).get(name, cls.model_fields[name].default)
 
     @field_validator("pretrained", mode="before")
     @classmethod

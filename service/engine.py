@@ -35,6 +35,7 @@ from service.batcher import AdmissionGate, FairPool, MicroBatcher
 from service.config import ServiceConfig
 from service.features import FeatureCache, classes_digest, load_persisted, persist
 from service.guard import APIError
+from service.schemas import Classification, Prediction
 
 ZERO_SHOT_PHRASE = "a photo of a"  # the global prompt until one is published (version 0)
 log = logging.getLogger("promptfolio.service")
@@ -160,8 +161,9 @@ class Engine:
 
     # ---- classification -----------------------------------------------------------------
     async def classify(self, tenant: str, images: list[tuple[bytes, str]], top_k: int,
-                       theta: float | None = None) -> dict:
-        """Decode (fairly, bounded per image) -> encode (batched fairly between tenants) -> rank."""
+                       theta: float | None = None) -> Classification:
+        """Image files `(bytes, name)` -> decode (fairly, bounded per image) -> encode (batched fairly
+        between tenants) -> rank against the tenant's classes."""
         view = await asyncio.to_thread(self.view, tenant, theta)  # a bad θ is a 400 before any decode
         metrics.count_cache(view.cache_hit)
         pool, limits = self.decode_pool, self.image_limits
@@ -172,8 +174,8 @@ class Engine:
                                                limits.target_size), heavy=not p.light) for p in probed])
         feats = await self.batcher.encode(torch.stack(tensors), key=tenant)
         ranked = self.rank(view, feats, top_k)
-        return {"tenant": tenant, **view.summary(),
-                "predictions": [{"file": name, "top": top} for (_, name), top in zip(images, ranked)]}
+        return Classification(tenant=tenant, **view.summary(),
+                              predictions=[Prediction(file=name, top=top) for (_, name), top in zip(images, ranked)])
 
     def rank(self, view: TenantView, image_features: torch.Tensor, top_k: int) -> list[list[dict]]:
         """`[B, D]` -> per image the top-k (label, score) with softmax scores over the tenant's classes."""

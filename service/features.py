@@ -59,6 +59,13 @@ class FeatureCache:
                 _, evicted = self._items.popitem(last=False)
                 self.bytes -= evicted.numel() * evicted.element_size()
 
+    def drop_scope(self, scope: str) -> None:
+        """Forget every entry of one scope (a deleted tenant's features)."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] == scope]:
+                value = self._items.pop(key)
+                self.bytes -= value.numel() * value.element_size()
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -102,6 +102,8 @@ def route_access(path: str, method: str = "POST") -> Access:
         return Access("member", "json")
     if len(parts) == 2 and parts[0] == "global":
         return Access("admin", "upload" if parts[1] == "prompt" else "json")
+    if parts[:1] == ["tenants"] and len(parts) == 2 and method == "DELETE":
+        return Access("admin", "json", parts[1])
     if parts[:1] == ["tenants"] and len(parts) in (2, 3):
         action = parts[2] if len(parts) == 3 else ""
         body = {"prompt": "upload", "classify": "classify"}.get(action, "json")

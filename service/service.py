@@ -16,6 +16,7 @@ import logging
 import bentoml
 
 from service import connections
+from service.edges import API_PREFIX, UnroutablePaths, VersionedDocs
 
 log = logging.getLogger("promptfolio.service")
 # header/body read timeouts and a connection cap (uvicorn has none); the worker imports this module
@@ -43,8 +44,11 @@ app = LazyASGIApp()
 
 
 @bentoml.service(name="promptfolio", workers=1, traffic={"timeout": 120})
-@bentoml.asgi_app(app, path="/v1")
+@bentoml.asgi_app(app, path=API_PREFIX)
 class PromptFolio:
+    """PromptFolio: per-tenant zero-shot image classification. The REST API, its schema and its own docs
+    page are under /v1 (/v1/docs, /v1/openapi.json)."""
+
     def __init__(self) -> None:
         from service import images
         from service.api import create_app
@@ -68,3 +72,7 @@ class PromptFolio:
     def shutdown(self) -> None:
         self.engine.batcher.close()
         self.engine.decode_pool.close()
+
+
+PromptFolio.add_asgi_middleware(UnroutablePaths)
+PromptFolio.add_asgi_middleware(VersionedDocs)

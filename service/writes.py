@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from prompts_store.artifact import PromptMeta, read_artifact
+from prompts_store.artifact import ArtifactError, PromptMeta, read_artifact
 from prompts_store.errors import Unservable
 from prompts_store.pointers import TenantPointer
 from service.engine import Engine, TenantView
@@ -34,7 +34,7 @@ def check_room(engine: Engine, n_ctx: int) -> None:
     """A context must leave room for at least one class-name token: [SOS] ctx <name> . [EOS]."""
     limit = engine.encoder.context_length - 5
     if n_ctx > limit:
-        raise Unservable(f"a context of {n_ctx} tokens leaves no room for class names in the encoder's "
+        raise ArtifactError(f"a context of {n_ctx} tokens leaves no room for class names in the encoder's "
                          f"context length {engine.encoder.context_length} (at most {limit} context tokens)")
 
 
@@ -59,6 +59,18 @@ def register(engine: Engine, tenant: str, classes: list[str], theta: float | Non
     return key, view
 
 
+def delete_tenant(engine: Engine, tenant: str) -> None:
+    """The tenant's folder goes in one rename (see PromptStore.delete_tenant), then its cached features."""
+    with engine.write_lock:
+        engine.store.delete_tenant(tenant)
+        engine.cache.drop_scope(tenant)
+
+
+def rotate_key(engine: Engine, tenant: str) -> str:
+    with engine.write_lock:  # not interleaved with a record rewrite (PATCH) that would restore the old key
+        return engine.store.rotate_key(tenant)
+
+
 def update_tenant(engine: Engine, tenant: str, classes: list[str] | None, theta: float | None,
                   clear_theta: bool) -> TenantView:
     with engine.write_lock:
@@ -75,7 +87,7 @@ def upload_local(engine: Engine, tenant: str, data: bytes, allow_unpinned: bool 
     with engine.write_lock:
         record = engine.store.tenant(tenant)
         if meta.kind != "local":
-            raise Unservable("a global prompt cannot be uploaded as a tenant's local prompt (publish it with the "
+            raise ArtifactError("a global prompt cannot be uploaded as a tenant's local prompt (publish it with the "
                              "admin key at /v1/global/prompt)")
         check_room(engine, meta.n_ctx)
         pin = engine.store.resolve_pin(meta, allow_unpinned)
@@ -149,7 +161,7 @@ def publish_global(engine: Engine, data: bytes) -> WriteResult:
     ctx, meta = read_artifact(data, engine.encoder.fingerprint, engine.encoder.text_width,
                               max_bytes=engine.cfg.max_upload_bytes)
     if meta.kind != "global":
-        raise Unservable("a local prompt cannot be published as the global prompt")
+        raise ArtifactError("a local prompt cannot be published as the global prompt")
     check_room(engine, meta.n_ctx)
     with engine.write_lock:
         next_version = max(engine.store.versions(None), default=0) + 1

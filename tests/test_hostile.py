@@ -51,7 +51,7 @@ def server(tmp_path_factory):
 def keys(server):
     out = {}
     for tenant in ("acme", "globex"):
-        r = httpx.post(f"{server.url}/v1/tenants", json={"id": tenant, "classes": CLASSES}, headers=auth(ADMIN_KEY))
+        r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": tenant, "classes": CLASSES}, headers=auth(ADMIN_KEY))
         assert r.status_code == 201, r.text
         out[tenant] = r.json()["api_key"]
     return out
@@ -208,7 +208,7 @@ def test_a_large_request_does_not_stall_other_tenants(server, keys):
 
 
 def test_overload_is_shed_with_retry_after_and_every_connection_answered(server):
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "busy", "classes": CLASSES}, headers=auth(ADMIN_KEY))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "busy", "classes": CLASSES}, headers=auth(ADMIN_KEY))
     content_type, body = overload.multipart([png("RGB", 200, 200, (200, 30, 30))] * 4)
     request = overload.request_bytes("/v1/tenants/busy/classify", r.json()["api_key"], content_type, body)
     capacity = asyncio.run(overload.closed_loop(server.port, [request], 16, 2.0))
@@ -260,7 +260,7 @@ def test_booleans_are_not_numbers_and_scores_are_never_null(server, keys, embedd
     for body in ({"theta": False}, {"theta": True}, {"theta": "0.5"}):
         r = httpx.patch(f"{server.url}/v1/tenants/acme", json=body, headers=acme)
         assert r.status_code == 422 and "theta" in r.json()["error"], r.text
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "b", "classes": ["x"], "theta": False},
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "b", "classes": ["x"], "theta": False},
                    headers=auth(ADMIN_KEY))
     assert r.status_code == 422
     r = httpx.post(f"{server.url}/v1/tenants/acme/rollback", json={"version": True}, headers=acme)
@@ -269,7 +269,7 @@ def test_booleans_are_not_numbers_and_scores_are_never_null(server, keys, embedd
     assert httpx.patch(f"{server.url}/v1/tenants/acme", json={"theta": 0}, headers=acme).status_code == 200
     httpx.patch(f"{server.url}/v1/tenants/acme", json={"theta": None}, headers=acme)
     # a prompt with huge finite values: refused at upload, or refused at classify, never `"score": null`
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "nulls", "classes": CLASSES}, headers=auth(ADMIN_KEY))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "nulls", "classes": CLASSES}, headers=auth(ADMIN_KEY))
     nulls = r.json()["api_key"]
     ctx = init_context(embedded_encoder, phrase="a photo of a") * 0 + 1e20
     meta = PromptMeta(kind="local", tenant="client-0", encoder=embedded_encoder.fingerprint, n_ctx=ctx.shape[0],

@@ -41,7 +41,7 @@ def test_late_joiner_personalizes_uploads_and_the_classifier_equals_the_service(
                                 classes, producer="test")
     r = httpx.post(f"{url}/v1/global/prompt", headers=auth(ADMIN_KEY), files={"file": ("g.safetensors", published)})
     assert r.status_code == 201 and r.json()["version"] == 1
-    r = httpx.post(f"{url}/v1/tenants", headers=auth(ADMIN_KEY), json={"id": "late", "classes": classes})
+    r = httpx.post(f"{url}/v1/tenants", headers=auth(ADMIN_KEY), json={"tenant": "late", "classes": classes})
     key = r.json()["api_key"]
     assert httpx.get(f"{url}/v1/global/prompt", headers=auth("pf.late.wrong")).status_code == 401
     fetched = httpx.get(f"{url}/v1/global/prompt", headers=auth(key))

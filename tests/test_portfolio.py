@@ -171,7 +171,7 @@ def test_every_write_that_cannot_be_served_changes_nothing(engine, embedded_enco
     writes.upload_local(engine, "acme", local_bytes(enc, ctx_of(enc, 7), trained_with=g1))
     before = _state(engine, "acme")
     long_global = writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 8, n_ctx=27))).meta.version
-    with pytest.raises(Unservable, match="no room for class names"):
+    with pytest.raises(ArtifactError, match="no room for class names"):
         writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 9, n_ctx=28)))
     with pytest.raises(Unservable, match="too long"):
         writes.repin(engine, "acme", long_global)

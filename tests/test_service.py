@@ -32,7 +32,7 @@ def server(tmp_path_factory):
 def tenants(server):
     keys = {}
     for tenant, classes in (("acme", ACME), ("globex", GLOBEX)):
-        r = httpx.post(f"{server.url}/v1/tenants", json={"id": tenant, "classes": classes}, headers=auth(ADMIN_KEY))
+        r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": tenant, "classes": classes}, headers=auth(ADMIN_KEY))
         assert r.status_code == 201, r.text
         keys[tenant] = r.json()["api_key"]
     return keys
@@ -123,7 +123,7 @@ def test_keys_reach_only_their_own_tenant(server, tenants, embedded_encoder):
     r = httpx.post(f"{server.url}/v1/tenants/acme/classify", files=[("images", ("a.png", img[0], "image/png"))])
     assert r.status_code == 401 and "missing API key" in r.json()["error"]
     # tenant keys are not admin keys
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "evil", "classes": ["x"]}, headers=auth(tenants["acme"]))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "evil", "classes": ["x"]}, headers=auth(tenants["acme"]))
     assert r.status_code == 403
     assert {"acme", "globex"} <= set(httpx.get(f"{server.url}/v1/tenants", headers=auth(ADMIN_KEY)).json()["tenants"])
 
@@ -163,7 +163,7 @@ def test_bad_input_gets_clear_4xx(server, tenants, embedded_encoder):
         assert r.status_code == status and message in r.json()["error"], (files[0][1][0], r.status_code, r.text)
     assert httpx.post(f"{server.url}/v1/tenants/acme/classify", headers=auth(acme)).status_code == 422
     r = classify(server, "acme", acme, [png], theta="1.5")
-    assert r.status_code == 400 and "θ must be in [0, 1]" in r.json()["error"]
+    assert r.status_code == 422 and "theta: Input should be less than or equal to 1" in r.json()["error"]
     assert classify(server, "acme", acme, [png], top_k="0").status_code == 422
     r = classify(server, "nobody", ADMIN_KEY, [png])
     assert r.status_code == 404 and "unknown tenant" in r.json()["error"]
@@ -176,9 +176,9 @@ def test_bad_input_gets_clear_4xx(server, tenants, embedded_encoder):
         assert r.json()["error"].startswith("invalid prompt artifact"), (name, r.text)
     r = upload(server, "acme", acme, b"\0" * 70_000)
     assert r.status_code == 413, r.text
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "../x", "classes": ["a"]}, headers=auth(ADMIN_KEY))
-    assert r.status_code == 400 and "invalid tenant id" in r.json()["error"]
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "x"}, headers=auth(ADMIN_KEY))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "../x", "classes": ["a"]}, headers=auth(ADMIN_KEY))
+    assert r.status_code == 422 and "tenant: String should match pattern" in r.json()["error"]
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "x"}, headers=auth(ADMIN_KEY))
     assert r.status_code == 422
     r = httpx.patch(f"{server.url}/v1/tenants/acme", json={"metadata": {"a": {"b": [1, {"c": 2}]}}}, headers=auth(acme))
     assert r.status_code == 422 and "metadata" in r.json()["error"]  # a misspelt field is not a silent no-op
@@ -228,9 +228,9 @@ def test_pinned_pairs_and_writes_that_cannot_be_served(server, tenants, embedded
     r = publish(server, global_artifact(enc, g1))
     assert r.status_code == 201, r.text
     g1_version = r.json()["version"]
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "pinned", "classes": ACME}, headers=auth(ADMIN_KEY))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "pinned", "classes": ACME}, headers=auth(ADMIN_KEY))
     key = r.json()["api_key"]
-    r = httpx.post(f"{server.url}/v1/tenants", json={"id": "follower", "classes": ACME}, headers=auth(ADMIN_KEY))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "follower", "classes": ACME}, headers=auth(ADMIN_KEY))
     follower_key = r.json()["api_key"]
     local = init_context(enc, n_ctx=4, generator=torch.Generator().manual_seed(12))
     r = upload(server, "pinned", key, local_artifact(enc, local, theta=0.6, global_sha256=read_artifact(
@@ -265,22 +265,22 @@ def test_pinned_pairs_and_writes_that_cannot_be_served(server, tenants, embedded
     r = httpx.post(f"{server.url}/v1/tenants/pinned/pin", json={"global_version": g1_version}, headers=auth(key))
     assert r.status_code == 200 and r.json()["pinned"] and "not trained together" in r.json()["notes"][0]
 
-    # writes that validate but cannot be served: 400 naming the problem, nothing changes
+    # writes that validate but cannot be served: 409 naming the problem, nothing changes
     long_name = "a," * 49 + "a"
     for _ in range(2):
-        r = httpx.post(f"{server.url}/v1/tenants", json={"id": "toolong", "classes": ["x", long_name]},
+        r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "toolong", "classes": ["x", long_name]},
                        headers=auth(ADMIN_KEY))
-        assert r.status_code == 400 and "too long" in r.json()["error"], r.text
+        assert r.status_code == 409 and "too long" in r.json()["error"], r.text
     info_before = httpx.get(f"{server.url}/v1/tenants/pinned", headers=auth(key)).json()
     served_before = classify(server, "pinned", key, imgs, top_k=6).content
     for data in (local_artifact(enc, init_context(enc, n_ctx=27, generator=torch.Generator().manual_seed(1))),
                  local_artifact(enc, torch.full((4, enc.text_width), 1e20))):
         r = upload(server, "pinned", key, data)
-        assert r.status_code == 400 and "cannot serve tenant 'pinned'" in r.json()["error"], r.text
+        assert r.status_code == 409 and "cannot serve tenant 'pinned'" in r.json()["error"], r.text
     r = httpx.patch(f"{server.url}/v1/tenants/pinned", json={"classes": ACME + [long_name]}, headers=auth(key))
-    assert r.status_code == 400 and "too long" in r.json()["error"]
+    assert r.status_code == 409 and "too long" in r.json()["error"]
     r = publish(server, global_artifact(enc, init_context(enc, n_ctx=27, generator=torch.Generator().manual_seed(2))))
-    assert r.status_code == 400 and "would break" in r.json()["error"] and "follower" in r.json()["error"]
+    assert r.status_code == 409 and "would break" in r.json()["error"] and "follower" in r.json()["error"]
     assert httpx.get(f"{server.url}/v1/tenants/pinned", headers=auth(key)).json() == info_before
     assert classify(server, "pinned", key, imgs, top_k=6).content == served_before
     assert "Traceback" not in server.log.read_text()
@@ -303,7 +303,7 @@ def test_commands_refuse_a_missing_store(tmp_path, capsys):
 def test_sigkill_during_uploads_leaves_a_clean_store(tmp_path, embedded_encoder):
     srv = Server(tmp_path / "store", tmp_path / "server.log").start()
     try:
-        key = httpx.post(f"{srv.url}/v1/tenants", json={"id": "crash", "classes": ACME},
+        key = httpx.post(f"{srv.url}/v1/tenants", json={"tenant": "crash", "classes": ACME},
                          headers=auth(ADMIN_KEY)).json()["api_key"]
         acknowledged, stop = [], threading.Event()
 
@@ -347,9 +347,14 @@ def test_sigkill_during_uploads_leaves_a_clean_store(tmp_path, embedded_encoder)
 
 def test_serve_command_keeps_the_service_environment(monkeypatch):
     from promptfolio.cli import build_parser
+    from service.commands import serve_env
+    from service.config import ServiceConfig
 
-    monkeypatch.setenv("PROMPTFOLIO_ARCH", "ViT-B-32")
-    monkeypatch.setenv("PROMPTFOLIO_PRETRAINED", "none")
-    args = build_parser().parse_args(["serve"])
-    assert (args.arch, args.pretrained) == ("ViT-B-32", "none")
-    assert build_parser().parse_args(["serve", "--arch", "RN50"]).arch == "RN50"
+    environ = {"PROMPTFOLIO_ARCH": "ViT-B-32", "PROMPTFOLIO_PRETRAINED": "none", "PROMPTFOLIO_STORE": "/tmp/s"}
+    env = serve_env(build_parser().parse_args(["serve"]), environ)  # no flag: the service's own settings
+    assert (env["PROMPTFOLIO_ARCH"], env["PROMPTFOLIO_PRETRAINED"], env["PROMPTFOLIO_STORE"]) == ("ViT-B-32", "none",
+                                                                                                  "/tmp/s")
+    env = serve_env(build_parser().parse_args(["serve", "--arch", "RN50", "--store", "/tmp/t"]), environ)
+    assert (env["PROMPTFOLIO_ARCH"], env["PROMPTFOLIO_STORE"]) == ("RN50", "/tmp/t")
+    cfg = ServiceConfig.from_env(serve_env(build_parser().parse_args(["serve"]), {}))  # defaults: ServiceConfig's
+    assert (cfg.arch, cfg.pretrained, cfg.admin_key) == ("embedded", "embedded", None)
