@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,17 @@ log = logging.getLogger("promptfolio.service")
 
 class BackendError(RuntimeError):
     pass
+
+
+class Backend(Protocol):
+    """What the engine needs of an image encoder: preprocessed images in, unit-norm features out."""
+
+    name: str  # "torch" or "onnxruntime", as /v1/info reports it
+    providers: list[str]  # where it really runs (e.g. ["CPUExecutionProvider"], ["torch:cuda"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` float -> L2-normalised `[B, D]` float32 on the CPU."""
+        ...
 
 
 class TorchImageBackend:
@@ -138,7 +150,7 @@ class OnnxImageBackend:
         return torch.from_numpy(self.session.run(["features"], {"images": x})[0])
 
 
-def make_backend(kind: str, encoder: Encoder, cache_dir: Path, providers: str = "auto"):
+def make_backend(kind: str, encoder: Encoder, cache_dir: Path, providers: str = "auto") -> Backend:
     """kind: 'torch', 'onnx', or 'auto' (ONNX Runtime when installed and exportable, else torch)."""
     if kind == "torch":
         return TorchImageBackend(encoder)

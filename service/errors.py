@@ -85,6 +85,11 @@ async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
 
 
 async def _validation(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind != "application/json" and any(tuple(e["loc"]) == ("body",) for e in exc.errors()):
+        # e.g. curl -d without -H 'Content-Type: application/json': the body was not read as JSON at all
+        return error_response(422, f"invalid request: send the body as JSON with 'Content-Type: application/json' "
+                                   f"(got {kind or 'no content type'!r})")
     return error_response(422, f"invalid request: {format_validation(exc.errors())}")
 
 

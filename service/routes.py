@@ -123,11 +123,14 @@ def register_tenant(body: NewTenant, engine: AdminEngine) -> RegisteredTenant:
 
 
 @router.get("/tenants", response_model=TenantPage, tags=["admin"], responses=responses(401, 403, 422))
-def list_tenants(engine: AdminEngine, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+def list_tenants(request: Request, engine: AdminEngine, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
                  after: Annotated[str | None, Query(pattern=TENANT_PATTERN,
                                                     description="the last id of the previous page")] = None
                  ) -> TenantPage:
     """Tenant ids in ascending order, one page at a time (follow `next`)."""
+    unknown = sorted(set(request.query_params) - {"limit", "after"})
+    if unknown:  # a misspelt parameter is an error, not a silent default
+        raise APIError(422, f"invalid request: unknown query parameter(s) {unknown[:5]!r} (use limit and after)")
     page = engine.store.tenant_page(after, limit + 1)
     return TenantPage(tenants=page[:limit], next=page[limit - 1] if len(page) > limit else None)
 
@@ -268,9 +271,8 @@ def _check_count(engine: Engine, n: int) -> None:
 
 async def _json_images(request: Request, engine: Engine) -> tuple[list[tuple[bytes, str]], int, float | None]:
     body = ClassifyJSON.model_validate_json(await request.body())  # a ValidationError is a 422
-    _check_count(engine, len(body.images))
     images, limit = [], engine.cfg.max_image_bytes
-    for i, text in enumerate(body.images):
+    for i, text in enumerate(body.images):  # the body's size is bounded already (RequestGuard)
         name = f"image {i}"
         if len(text) > 4 * (limit // 3 + 1):
             raise APIError(413, f"{name} exceeds the {limit}-byte limit")
@@ -278,24 +280,26 @@ async def _json_images(request: Request, engine: Engine) -> tuple[list[tuple[byt
             images.append((base64.b64decode(text, validate=True), name))
         except (binascii.Error, ValueError):
             raise image_io.ImageError(f"{name}: not valid base64") from None
+    _check_count(engine, len(images))  # after the shape checks: a malformed request is a 400, not a 413
     return images, body.top_k, body.theta
 
 
 async def _form_images(request: Request, engine: Engine) -> tuple[list[tuple[bytes, str]], int, float | None]:
     cfg = engine.cfg
-    form = await request.form(max_files=cfg.max_images_per_request + 1, max_fields=16)
+    # parts beyond this are refused by the parser (400); between the limit and this, by the count below (413)
+    form = await request.form(max_files=4 * cfg.max_images_per_request + 16, max_fields=16)
     uploads = [v for k, v in form.multi_items() if k == "images"]
     files = [u for u in uploads if isinstance(u, StarletteUpload)]
     if not uploads:
         raise APIError(422, "invalid request: body.images: Field required (one or more image files)")
     if len(files) != len(uploads):
         raise APIError(422, "invalid request: body.images: each 'images' part must be a file")
-    _check_count(engine, len(files))
     fields = {k: v for k, v in form.multi_items() if k in ("top_k", "theta") and isinstance(v, str)}
     options = ClassifyForm.model_validate(fields)  # a ValidationError is a 422
+    for i, upload in enumerate(files):
+        image_io.check_content_type(upload.content_type, upload.filename or f"image {i}")
+    _check_count(engine, len(files))
     images = []
     for i, upload in enumerate(files):
-        name = upload.filename or f"image {i}"
-        image_io.check_content_type(upload.content_type, name)
-        images.append((await _read_limited(upload, cfg.max_image_bytes, "image"), name))
+        images.append((await _read_limited(upload, cfg.max_image_bytes, "image"), upload.filename or f"image {i}"))
     return images, options.top_k, options.theta

@@ -181,3 +181,44 @@ def test_recover_removes_crash_leftovers_and_keeps_current(tmp_path):
     assert PromptStore(tmp_path, FP, WIDTH).recover() == 2
     assert store.current_version("t1") == 1 and torch.equal(store.load("t1").ctx, ctx(1))
     assert store.put(ctx(3), meta(), "t1").version == 2
+
+
+def test_delete_is_all_or_nothing_and_touches_no_other_tenant(tmp_path, monkeypatch):
+    store = PromptStore(tmp_path, FP, WIDTH, create=True)
+    keys = {t: store.add_tenant(t, ["red circle", "blue star"]) for t in ("t1", "t2")}
+    for t in keys:
+        store.put(ctx(1), meta(), t)
+    (tmp_path / "tenants" / "t1" / "features").mkdir()
+    (tmp_path / "tenants" / "t1" / "features" / "f.safetensors").write_bytes(b"x")
+    t2_files = {p: p.read_bytes() for p in (tmp_path / "tenants" / "t2").rglob("*") if p.is_file()}
+
+    # a crash after the rename, before the folder is removed: the tenant is already gone as a whole
+    import prompts_store.store as store_module
+
+    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        store.delete_tenant("t1")
+    monkeypatch.undo()
+    with pytest.raises(UnknownTenant):
+        store.tenant("t1")
+    assert not store.verify_key("t1", keys["t1"]) and store.tenants() == ["t2"] and store.versions("t1") == []
+    assert store.tenant_page(None, 10) == ["t2"]
+    assert len(list((tmp_path / ".trash").iterdir())) == 1
+    assert store.recover() == 1 and not list((tmp_path / ".trash").iterdir())  # the next start finishes it
+    # the id can be registered again and starts from nothing
+    store.add_tenant("t1", ["a"])
+    assert store.versions("t1") == [] and store.current_version("t1") is None
+    store.delete_tenant("t1")
+    with pytest.raises(UnknownTenant):
+        store.delete_tenant("t1")
+    assert {p: p.read_bytes() for p in (tmp_path / "tenants" / "t2").rglob("*") if p.is_file()} == t2_files
+    assert store.verify_key("t2", keys["t2"])
+
+
+def test_tenant_pages_are_ascending_and_exclusive(tmp_path):
+    store = PromptStore(tmp_path, FP, WIDTH, create=True)
+    for t in ("c", "a", "b", "d"):
+        store.add_tenant(t, ["x"])
+    assert store.tenant_page(None, 2) == ["a", "b"]
+    assert store.tenant_page("b", 2) == ["c", "d"]
+    assert store.tenant_page("d", 2) == [] and store.tenant_page("0", 10) == ["a", "b", "c", "d"]
