@@ -16,8 +16,8 @@ from promptfolio.portfolio import check_theta
 
 MAX_CLASSES = 1000
 MAX_CLASS_NAME = 100
-# no control characters, no space at either end: a rule a JSON schema (the REST API's) can state exactly
-CLASS_NAME_PATTERN = r"^[^\x00-\x20\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\x9f])?$"
+# no control characters, no (Unicode) space at either end: a rule a JSON schema (the REST API's) can state
+CLASS_NAME_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
 
 
 def validate_tenant_id(tenant: str) -> str:

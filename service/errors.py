@@ -6,6 +6,8 @@ A 4xx names the problem; 503 carries Retry-After; 405 carries Allow. Only a bug 
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,6 +25,7 @@ from service.guard import APIError
 from service.images import ImageError
 from service.schemas import ErrorBody
 
+log = logging.getLogger("promptfolio.service")
 STATUS_MEANING = {
     400: "Bad input: a malformed image or artifact, an invalid tenant id, a write that cannot be served",
     401: "Missing or invalid API key",
@@ -119,6 +122,12 @@ async def _value_error(request: Request, exc: ValueError) -> JSONResponse:  # θ
     return error_response(400, str(exc))
 
 
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """Only a bug gets here: logged with its traceback, answered in the same JSON shape without one."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error (logged by the service)")
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StoreError, _store_error)
@@ -129,3 +138,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(ValueError, _value_error)
+    app.add_exception_handler(Exception, _bug)
