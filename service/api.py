@@ -157,7 +157,8 @@ def create_app() -> FastAPI:
         engine = engine_of(request)
         enc = engine.encoder
         return {"arch": enc.arch, "weights": enc.source, "fingerprint": enc.fingerprint,
-                "device": str(enc.device), "backend": engine.backend.name,
+                "device": str(enc.device), "backend": engine.backend.name, "precision": engine.backend.precision,
+                "gpu_decode": engine.gpu_decoder is not None,
                 "providers": engine.backend.providers, "text_width": enc.text_width,
                 "image_size": enc.image_size, "global_version": engine.store.current_version(None) or 0,
                 "cache": {"entries": len(engine.cache), "bytes": engine.cache.bytes,
