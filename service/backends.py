@@ -167,7 +167,10 @@ class OnnxImageBackend:
         self.path = (export_onnx_fp16 if self.precision == "fp16" else export_onnx)(encoder, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # fp16: "extended" (fusions), not "all": ORT_ENABLE_ALL's CPU layout passes segfault (onnxruntime
+        # 1.32, CPU provider) while creating a session for the fp16 ViT-B-32 export; they are CPU-only anyway
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if self.precision == "fp16"
+                                            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         device = str(encoder.device)
         chosen = choose_providers(providers, device)
         if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
