@@ -34,6 +34,7 @@ from service.images import Probed, decode_probed
 
 log = logging.getLogger("promptfolio.service")
 
+MAX_FAILED_CALLS = 16  # calls in a row that refuse every image before the decoder is switched off
 BATCH_PIXELS = 64_000_000  # full-size pixels per decode call (~190 MB of RGB on the device)
 _PASSIVE_STEPS = {"MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb", "convert_to_rgb"}
 _EXIF_ORIENTATION = 0x0112
@@ -106,10 +107,12 @@ class GpuJpegDecoder:
         self.std = torch.tensor(spec.std, device=self.device).view(-1, 1, 1)
         self.decoded = 0  # images decoded here / handed to the CPU, for /v1/info and the GPU check
         self.refused = 0
+        self.failed_calls = 0  # consecutive calls where the decoder refused every image
+        self.disabled = False
 
     def accepts(self, probed: Probed) -> bool:
         img, (w, h) = probed.image, probed.full_size  # nvJPEG decodes at full size: bound that
-        return (img is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
+        return (not self.disabled and img is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
                 and 0 < w * h <= self.max_pixels)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
@@ -139,10 +142,20 @@ class GpuJpegDecoder:
                     decoded.append(self._decode([d])[0])
                 except RuntimeError:
                     decoded.append(None)
+        self._note(all(image is None for image in decoded))
         out: list[torch.Tensor | None] = []
         for image, orientation in zip(decoded, orientations):
             out.append(None if image is None else self.preprocess(upright(image, orientation)))
         return out
+
+    def _note(self, all_refused: bool) -> None:
+        """A decoder that refuses everything (no nvJPEG, a broken CUDA context) is switched off
+        rather than tried and retried image by image on every request."""
+        self.failed_calls = self.failed_calls + 1 if all_refused else 0
+        if self.failed_calls >= MAX_FAILED_CALLS and not self.disabled:
+            self.disabled = True
+            log.error("GPU JPEG decoding switched off: %d calls in a row refused every image; decoding on the CPU",
+                      self.failed_calls)
 
     def _chunks(self, indices: list[int], probed: list[Probed]) -> list[list[int]]:
         chunks: list[list[int]] = [[]]

@@ -111,3 +111,16 @@ def test_batched_jpeg_decoder_matches_the_pil_path(embedded_encoder):
         assert err.value.status == 400 and decoder.refused == 1
     finally:
         pool.close()
+
+
+def test_a_decoder_that_refuses_everything_is_switched_off(embedded_encoder):
+    decoder = GpuJpegDecoder(PreprocessSpec.from_transform(embedded_encoder.preprocess), "cpu", 1 << 20)
+    limits = image_io.ImageLimits(1 << 20, 1 << 20, 4096, 20.0, 1 << 20, embedded_encoder.image_size)
+    good = _jpeg(64, 48, 1)
+    broken = good[:400]  # a header that probes, then nothing
+    assert decoder.decode_batch([good, broken], [1, 1])[1] is None  # one refused: no count
+    for _ in range(15):
+        decoder.decode_batch([broken], [1])
+    assert not decoder.disabled and decoder.accepts(image_io.probe(good, "g.jpg", limits))
+    decoder.decode_batch([broken], [1])  # the 16th call in a row that refuses everything
+    assert decoder.disabled and not decoder.accepts(image_io.probe(good, "g.jpg", limits))
