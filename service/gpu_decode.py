@@ -105,7 +105,7 @@ class GpuJpegDecoder:
         self.max_pixels = max_pixels
         self.mean = torch.tensor(spec.mean, device=self.device).view(-1, 1, 1)
         self.std = torch.tensor(spec.std, device=self.device).view(-1, 1, 1)
-        self.decoded = 0  # images decoded here / handed to the CPU, for /v1/info and the GPU check
+        self.decoded = 0  # images decoded here / refused and handed to the CPU (the GPU check reads them)
         self.refused = 0
         self.failed_calls = 0  # consecutive calls where the decoder refused every image
         self.disabled = False
@@ -183,7 +183,7 @@ class GpuJpegDecoder:
                     probed[i].image = None  # the header-only PIL image is not needed any more
         cpu = [i for i, t in enumerate(out) if t is None]
         self.decoded += len(probed) - len(cpu)
-        self.refused += len([i for i in cpu if i in gpu])
+        self.refused += len(set(cpu) & set(gpu))
         decoded = await asyncio.gather(*[
             pool.run(key, functools.partial(decode_probed, probed[i], cpu_preprocess, target_size),
                      heavy=not probed[i].light) for i in cpu])
