@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     if not batches or min(batches) < 1 or a.seconds <= 0 or a.requests < 1 or a.concurrency < 1:
         p.error("--batches, --seconds, --requests and --concurrency must be positive")
     if a.dry_run:
-        return Plan("cpu", "embedded", [1, 8], 0.2, 6, 2, 32, 16)
+        return Plan("cpu", "embedded", [1, 4], 0.2, 6, 2, 32, 16)
     return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, 256)
 
 

@@ -167,8 +167,9 @@ class OnnxImageBackend:
         self.path = (export_onnx_fp16 if self.precision == "fp16" else export_onnx)(encoder, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        # fp16: "extended" (fusions), not "all": ORT_ENABLE_ALL's CPU layout passes segfault (onnxruntime
-        # 1.32, CPU provider) while creating a session for the fp16 ViT-B-32 export; they are CPU-only anyway
+        # fp16: "extended" (fusions), not "all": with ORT_ENABLE_ALL, onnxruntime 1.32 and onnxruntime-gpu 1.31.1
+        # segfault creating a CPU-provider session for the fp16 ViT-B-32 export (seen; onnxruntime issues
+        # #15494 and #26717 report fp16 models failing there too); "all" adds only CPU layout passes
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if self.precision == "fp16"
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         device = str(encoder.device)
@@ -178,15 +179,17 @@ class OnnxImageBackend:
                 ort.preload_dlls()
             except Exception as e:  # noqa: BLE001 - the session below reports what it really got
                 log.warning("onnxruntime could not preload CUDA libraries: %s", e)
-        self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
+        gpu = {"device_id": torch.device(device).index or 0}  # cuda:1 runs on GPU 1, where its inputs are
+        self.session = ort.InferenceSession(str(self.path), options, providers=[
+            (p, gpu) if p == "CUDAExecutionProvider" else p for p in chosen])
         # what the session really uses (the available list names CUDA even where it cannot run)
         self.providers = self.session.get_providers()
         if device.startswith("cuda") and "CUDAExecutionProvider" not in self.providers:
             log.warning("CUDAExecutionProvider unavailable; ONNX Runtime falls back to %s", self.providers)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.device.type == "cuda":  # decoded on the GPU: hand ONNX Runtime the device buffer
-            return self.run_bound(images)
+        if images.device.type == "cuda" and self.providers[0] == "CUDAExecutionProvider":
+            return self.run_bound(images)  # decoded on the GPU: hand ONNX Runtime the device buffer
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(["features"], {"images": x})[0])
 
