@@ -122,6 +122,7 @@ def export_onnx_fp16(encoder: Encoder, cache_dir: Path) -> Path:
     if path.is_file():
         return path
     import onnx
+    # (importing onnxruntime.transformers appends its folder to sys.path: harmless, it only adds names)
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     start = time.perf_counter()
