@@ -1,24 +1,36 @@
 """The one prepared check for a machine with an NVIDIA GPU (about 4-6 minutes; at most 8):
 
-    python bench/gpu_check.py                 # needs the project's packages + onnxruntime-gpu
     scripts/gpu-check.sh                      # fresh checkout: makes .cache/gpu-venv with the `gpu` extra, runs this
-    python bench/gpu_check.py --dry-run       # the same code paths on the CPU, tiny and short (no GPU verdict)
+    python bench/gpu_check.py                 # in an environment with the project and onnxruntime-gpu
+    python bench/gpu_check.py --dry-run       # the same code on the CPU, tiny sizes (checks the script; no GPU verdict)
 
-1. Providers: the ONNX Runtime session really uses CUDAExecutionProvider (session.get_providers(),
-   not the available list, which names CUDA even where it cannot run).
-2. Parity on L2-normalised image features, against torch fp32 on the GPU:
-   - ONNX Runtime CUDA fp32: max abs diff <= 2e-3. Not 1e-5 as on the CPU: both runtimes may use
-     TF32 (10-bit mantissa) in convolutions/matmuls on Ampere and later.
-   - torch fp16: cosine >= 0.999 for every image and top-1 agreement >= 99% over the class features
-     (embedded model, world images, its 30 classes). fp16 rounds at 2^-11 ~ 4.9e-4 relative per
-     operation; over 12 residual blocks that stays ~1e-3 on unit vectors, so a cosine below 0.999
-     means a real defect (overflow, a layer left in fp32 with fp16 inputs), not rounding. Flips of
-     the top-1 are expected only where fp32's own top-2 margin is below that error.
-3. Encoder throughput, images/s per batch size: torch fp32, torch fp16, ONNX Runtime CUDA fp32.
-4. The service end to end on the GPU: `promptfolio serve` on 127.0.0.1 (PROMPTFOLIO_DEVICE=cuda),
-   one tenant, concurrent clients sending 1-image and 32-image multipart requests: images/s,
-   p50/p99 latency, and service/raw (raw = the best encoder images/s of step 3 for the backend the
-   service reports in /v1/info).
+1. Devices: every ONNX Runtime session really uses CUDAExecutionProvider (session.get_providers(),
+   not the available list, which names CUDA even where it cannot run), and the torch models and
+   their outputs are on CUDA.
+2. Parity against torch fp32 on the GPU, on L2-normalised image features:
+   - ONNX Runtime fp32: max abs diff <= 2e-3. Not 1e-5 as on the CPU: both runtimes may use TF32
+     (10-bit mantissa, ~1e-3 relative) in matmuls/convolutions on Ampere and later.
+   - fp16 (torch half, ONNX Runtime fp16 export): cosine >= 0.999 for every image, and on the
+     embedded model with its world images and 30 classes, top-1 agreement >= 99%. Why these
+     bounds: fp16 keeps 11 significant bits (unit roundoff 2^-11 ~ 4.9e-4, ~3 decimal digits);
+     errors of that size per operation, through 12 residual blocks with LayerNorm re-centring,
+     leave ~1e-3 relative error on the feature vector, i.e. cosine ~1 - 5e-7; a cosine under
+     0.999 (relative error ~4.5e-2) is a real defect (overflow, a layer fed fp16 it cannot take),
+     not rounding. CLIP scores are 100 * cosine, so a feature error e moves an image's score gap
+     between two classes by at most 100 * e * |t_a - t_b| <= 200 * e: a top-1 flips only where
+     fp32's own top-2 gap is that small, which the check prints for every flip.
+3. Encoder throughput, images/s per batch size, for torch and ONNX Runtime in fp32 and fp16 (inputs
+   on the GPU, features back on the CPU, as the service uses them), and which backend the service's
+   `auto` picks at batch 32 (the same timing code it runs at start).
+4. JPEG decoding: images/s of the CPU path (PIL with reduced-size decode + the preprocess; one
+   thread and all cores) and of the batched GPU path (nvJPEG through torchvision + resize/normalise
+   on the GPU); which JPEG kinds nvJPEG takes (baseline, progressive, grey, EXIF-rotated; CMYK goes
+   to the CPU by design), and how close each path's features are to training's loader (a full
+   decode, as the batched decoder does; the CPU path decodes JPEGs at reduced size).
+5. The service end to end on the GPU: `promptfolio serve` on 127.0.0.1 with the defaults
+   (precision auto = fp16, backend auto, GPU decode auto), then with GPU decode off; concurrent
+   clients send 1-image and 32-image multipart requests of 640x480 JPEGs: images/s, p50/p99 and
+   service/raw (raw = step 3's batch-32 images/s of the backend and precision /v1/info reports).
 Exits 1 when a check fails, 2 on bad arguments. Prints one PASS/FAIL line per check.
 """
 
@@ -35,10 +47,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 ORT_FP32_TOL = 2e-3
 FP16_MIN_COSINE = 0.999
 FP16_MIN_TOP1 = 0.99
+BUDGET_S = 480  # the whole check; the optional second service run is skipped when it would not fit
 
 
 @dataclass
@@ -50,18 +64,16 @@ class Plan:
     requests: int  # per request size, service load
     concurrency: int
     parity_images: int
-    service_backend: str  # PROMPTFOLIO_BACKEND for the service: auto | onnx | torch
+    decode_images: int
 
 
 def parse_args(argv: list[str] | None = None) -> Plan:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random weights), or 'embedded'")
     p.add_argument("--batches", default="1,8,32,128", help="comma-separated batch sizes for the throughput table")
-    p.add_argument("--seconds", type=float, default=2.0, help="seconds per throughput cell")
-    p.add_argument("--requests", type=int, default=400, help="requests per size (1 and 32 images) for the service")
+    p.add_argument("--seconds", type=float, default=1.5, help="seconds per throughput cell")
+    p.add_argument("--requests", type=int, default=300, help="requests per size (1 and 32 images) and service run")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients for the service")
-    p.add_argument("--service-backend", choices=("auto", "onnx", "torch"), default="auto",
-                   help="the service's image backend (torch where only the CPU onnxruntime is installed)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every step on the CPU with the embedded model and tiny sizes (checks the script only)")
     a = p.parse_args(argv)
@@ -72,30 +84,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     if not batches or min(batches) < 1 or a.seconds <= 0 or a.requests < 1 or a.concurrency < 1:
         p.error("--batches, --seconds, --requests and --concurrency must be positive")
     if a.dry_run:
-        return Plan("cpu", "embedded", [1, 8], 0.3, 8, 2, 16, a.service_backend)
-    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, a.service_backend)
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def throughput(fn, batch: int, size: int, seconds: float, device: str, half: bool = False) -> float:
-    import torch
-
-    x = torch.randn(batch, 3, size, size, device=device, dtype=torch.half if half else torch.float32)
-    for _ in range(3):
-        fn(x)
-    sync(device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn(x)
-        n += batch
-    sync(device)
-    return n / (time.perf_counter() - start)
+        return Plan("cpu", "embedded", [1, 4], 0.2, 6, 2, 32, 16)
+    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, 256)
 
 
 def report(ok: bool, what: str) -> bool:
@@ -103,81 +93,122 @@ def report(ok: bool, what: str) -> bool:
     return ok
 
 
-def check_providers(backend, plan: Plan) -> bool:
-    used = backend.session.get_providers()
-    print(f"1. ONNX Runtime providers in use: {used}")
-    if plan.device == "cpu":
-        return report(used[0] == "CPUExecutionProvider", "dry run: the CPU provider")
-    return report(used[0] == "CUDAExecutionProvider", "CUDAExecutionProvider is the session's first provider")
+def build_backends(plan: Plan, enc, base: Path) -> dict[str, object]:
+    """torch and ONNX Runtime, fp32 and fp16, on the plan's device."""
+    from service.backends import OnnxImageBackend, TorchImageBackend
+
+    providers = "cuda,cpu" if plan.device == "cuda" else "cpu"
+    return {"torch fp32": TorchImageBackend(enc, "fp32"), "torch fp16": TorchImageBackend(enc, "fp16"),
+            "onnxruntime fp32": OnnxImageBackend(enc, base / "onnx", providers, precision="fp32"),
+            "onnxruntime fp16": OnnxImageBackend(enc, base / "onnx", providers, precision="fp16")}
 
 
-def check_parity(plan: Plan, enc, backend) -> bool:
-    """ONNX fp32 vs torch fp32 on `plan.arch`; torch fp16 vs fp32 on the embedded model with world images."""
+def check_devices(plan: Plan, backends: dict) -> bool:
     import torch
-    import torch.nn.functional as F
+
+    want = "CUDAExecutionProvider" if plan.device == "cuda" else "CPUExecutionProvider"
+    ok = True
+    for name in ("onnxruntime fp32", "onnxruntime fp16"):
+        used = backends[name].session.get_providers()
+        ok &= report(used[0] == want, f"1. {name}: session providers {used}")
+    half = backends["torch fp16"]
+    x = torch.randn(2, 3, half.encoder.image_size, half.encoder.image_size, device=plan.device)
+    with torch.no_grad():
+        out = half.visual(x.half())
+    where = {str(next(half.visual.parameters()).device), str(half.encoder.device), str(out.device)}
+    return ok & report(all(w.startswith(plan.device) for w in where) and out.dtype == torch.float16,
+                       f"1. torch: weights, fp32 encoder and fp16 output on {sorted(where)} ({out.dtype})")
+
+
+def parity_row(name: str, feats, ref, text=None) -> tuple[float, float, float | None, str]:
+    cos = (feats * ref).sum(-1)
+    diff = (feats - ref).abs().max().item()
+    agree, note = None, ""
+    if text is not None:
+        s_ref, s_new = ref @ text.T, feats @ text.T
+        flips = s_ref.argmax(-1) != s_new.argmax(-1)
+        agree = 1 - flips.float().mean().item()
+        if flips.any():
+            top2 = s_ref.topk(2, dim=-1).values
+            note = f"; fp32 top-2 gaps of the {int(flips.sum())} flips: max {(top2[:, 0] - top2[:, 1])[flips].max():.2e}"
+    print(f"   {name}: min cosine {cos.min().item():.6f}, max abs diff {diff:.2e}"
+          + (f", top-1 agreement {agree:.4f}" if agree is not None else "") + note)
+    return cos.min().item(), diff, agree, note
+
+
+def check_parity(plan: Plan, enc, backends: dict) -> bool:
+    """Every backend against torch fp32: random inputs on `plan.arch`, world images on the embedded model."""
+    import torch
+    from PIL import Image
 
     from promptfolio.embedded import world
     from promptfolio.encoder import load_encoder
     from promptfolio.prompts import encode_classes, init_context
+    from service.backends import OnnxImageBackend, TorchImageBackend
 
+    verdict = plan.device == "cuda"
+    ok = True
     x = torch.randn(16, 3, enc.image_size, enc.image_size, device=plan.device)
-    with torch.no_grad():
-        ref = F.normalize(enc.model.encode_image(x).float(), dim=-1).cpu()
-    diff = (backend(x) - ref).abs().max().item()
-    print(f"2a. {plan.arch}: ONNX Runtime vs torch, fp32, batch 16: max abs diff {diff:.2e}")
-    ok = report(diff <= ORT_FP32_TOL, f"ONNX Runtime fp32 parity <= {ORT_FP32_TOL:g}")
+    ref = backends["torch fp32"](x)
+    print(f"2a. {plan.arch}, random inputs, batch 16, against torch fp32:")
+    for name in ("onnxruntime fp32", "torch fp16", "onnxruntime fp16"):
+        cos, diff, _, _ = parity_row(name, backends[name](x), ref)
+        if verdict:
+            ok &= report(diff <= ORT_FP32_TOL if "fp32" in name else cos >= FP16_MIN_COSINE,
+                         f"{name}: " + (f"max abs diff <= {ORT_FP32_TOL:g}" if "fp32" in name
+                                        else f"cosine >= {FP16_MIN_COSINE}"))
 
     tiny = load_encoder("embedded", "embedded", device=plan.device)
     images, _ = world.task_dataset(plan.parity_images, world.calibrated("noise"), seed=7)
-    from PIL import Image
-
     batch = torch.stack([tiny.preprocess(Image.fromarray(im)) for im in images]).to(plan.device)
     with torch.no_grad():
-        text = encode_classes(tiny, init_context(tiny, phrase="a photo of a"), list(world.CLASS_NAMES)).float()
-        f32 = F.normalize(tiny.model.encode_image(batch).float(), dim=-1)
-        half = load_encoder("embedded", "embedded", device=plan.device).model.half()
-        f16 = F.normalize(half.encode_image(batch.half()).float(), dim=-1)
-    cos = (f32 * f16).sum(-1)
-    s32, s16 = f32 @ text.T, f16 @ text.T
-    agree = (s32.argmax(-1) == s16.argmax(-1)).float().mean().item()
-    top2 = s32.topk(2, dim=-1).values
-    flips = s32.argmax(-1) != s16.argmax(-1)
-    margins = (top2[:, 0] - top2[:, 1])[flips]
-    print(f"2b. embedded, torch fp16 vs fp32 on {len(images)} world images: min cosine {cos.min().item():.5f}, "
-          f"max abs diff {(f32 - f16).abs().max().item():.2e}, top-1 agreement {agree:.4f}"
-          + (f" (fp32 top-2 margins of the flips: max {margins.max().item():.2e})" if flips.any() else ""))
-    if plan.device == "cpu":
-        return report(ok, "dry run: parity computed (fp16 on the CPU is not a verdict)")
-    ok &= report(cos.min().item() >= FP16_MIN_COSINE, f"fp16 cosine >= {FP16_MIN_COSINE}")
-    return ok & report(agree >= FP16_MIN_TOP1, f"fp16 top-1 agreement >= {FP16_MIN_TOP1:.0%}")
+        text = encode_classes(tiny, init_context(tiny, phrase="a photo of a"), list(world.CLASS_NAMES)).float().cpu()
+    ref = TorchImageBackend(tiny, "fp32")(batch)
+    print(f"2b. embedded, {len(images)} world images, {len(world.CLASS_NAMES)} classes, against torch fp32:")
+    providers = "cuda,cpu" if plan.device == "cuda" else "cpu"
+    onnx_dir = backends["onnxruntime fp32"].path.parent.parent
+    for name, backend in (("torch fp16", TorchImageBackend(tiny, "fp16")),
+                          ("onnxruntime fp16", OnnxImageBackend(tiny, onnx_dir, providers, precision="fp16"))):
+        cos, _, agree, _ = parity_row(name, backend(batch), ref, text)
+        if verdict:
+            ok &= report(cos >= FP16_MIN_COSINE and agree >= FP16_MIN_TOP1,
+                         f"{name}: cosine >= {FP16_MIN_COSINE} and top-1 agreement >= {FP16_MIN_TOP1:.0%}")
+    if not verdict:
+        ok &= report(True, "2. dry run: parity computed (fp16 on the CPU is no verdict for the GPU)")
+    return ok
 
 
-def throughput_table(plan: Plan, enc, backend) -> dict[str, float]:
+def throughput(backend, batch: int, size: int, seconds: float, device: str) -> float:
     import torch
 
-    from promptfolio.encoder import load_encoder
+    x = torch.randn(batch, 3, size, size, device=device)
+    for _ in range(3):
+        backend(x)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        backend(x)  # features come back to the CPU: each call has finished on the device
+        n += batch
+    return n / (time.perf_counter() - start)
 
-    half = load_encoder(plan.arch, "embedded" if plan.arch == "embedded" else None, device=plan.device).model.half()
 
-    def torch32(t):
-        with torch.no_grad():
-            return enc.model.encode_image(t)
+def throughput_table(plan: Plan, enc, backends: dict) -> dict[str, float]:
+    """images/s per backend and batch; returns each backend's batch-32 rate (or its best)."""
+    from service.backends import fastest
 
-    def torch16(t):
-        with torch.no_grad():
-            return half.encode_image(t)
-
-    print(f"3. {plan.arch} encoder, images/s ({plan.seconds:g} s per cell)")
-    print("| batch | torch fp32 | torch fp16 | onnxruntime fp32 |\n|---|---|---|---|")
-    best = {"torch": 0.0, "onnxruntime": 0.0}
+    names = list(backends)
+    print(f"3. {plan.arch} encoder, images/s ({plan.seconds:g} s per cell; inputs on {plan.device})")
+    print("| batch | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    rates: dict[str, dict[int, float]] = {n: {} for n in names}
     for b in plan.batches:
-        cells = [throughput(torch32, b, enc.image_size, plan.seconds, plan.device),
-                 throughput(torch16, b, enc.image_size, plan.seconds, plan.device, half=True),
-                 throughput(backend, b, enc.image_size, plan.seconds, plan.device)]
-        best["torch"] = max(best["torch"], cells[0])
-        best["onnxruntime"] = max(best["onnxruntime"], cells[2])
-        print(f"| {b} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
-    return best
+        for n in names:
+            rates[n][b] = throughput(backends[n], b, enc.image_size, plan.seconds, plan.device)
+        print(f"| {b} | " + " | ".join(f"{rates[n][b]:.0f}" for n in names) + " |", flush=True)
+    probe = 32 if 32 in plan.batches else max(plan.batches)
+    for precision in ("fp32", "fp16"):
+        pick = fastest([backends[f"onnxruntime {precision}"], backends[f"torch {precision}"]], probe,
+                       enc.image_size, plan.device)
+        print(f"   service backend auto at {precision}, batch {probe}: picks {pick.name}")
+    return {n: r.get(32, max(r.values())) for n, r in rates.items()}
 
 
 async def load(url: str, key: str, images: list[bytes], per_request: int, requests: int,
@@ -209,7 +240,8 @@ async def load(url: str, key: str, images: list[bytes], per_request: int, reques
     return len(latencies) * per_request / elapsed, latencies, failed
 
 
-def check_service(plan: Plan, best: dict[str, float], base: Path) -> bool:
+def run_service(plan: Plan, base: Path, label: str, env: dict[str, str], raw: dict[str, float]) -> bool:
+    """One server with `env`; 1-image and 32-image request loads; a table row per size."""
     import httpx
     import numpy as np
 
@@ -217,37 +249,42 @@ def check_service(plan: Plan, best: dict[str, float], base: Path) -> bool:
     from service_helpers import ADMIN_KEY, Server
 
     pretrained = "embedded" if plan.arch == "embedded" else "none"
-    server = Server(base / "store", base / "serve.log", PROMPTFOLIO_ARCH=plan.arch, PROMPTFOLIO_PRETRAINED=pretrained,
-                    PROMPTFOLIO_DEVICE=plan.device, PROMPTFOLIO_MAX_BATCH="32",
-                    PROMPTFOLIO_BACKEND=plan.service_backend)
+    server = Server(base / f"store-{label}", base / f"serve-{label}.log", PROMPTFOLIO_ARCH=plan.arch,
+                    PROMPTFOLIO_PRETRAINED=pretrained, PROMPTFOLIO_DEVICE=plan.device, PROMPTFOLIO_MAX_BATCH="32",
+                    **env)
     start = time.perf_counter()
-    server.start(timeout=420)
+    server.start(timeout=240)
     ok = True
     try:
         info = httpx.get(f"{server.url}/v1/info", timeout=30).json()
-        print(f"4. service ready in {time.perf_counter() - start:.1f} s: device {info['device']}, "
-              f"backend {info['backend']}, providers {info['providers']}")
+        print(f"5. service ({label}) ready in {time.perf_counter() - start:.1f} s: device {info['device']}, "
+              f"backend {info['backend']} {info['precision']}, providers {info['providers']}, "
+              f"GPU decode {info['gpu_decode']}")
         if plan.device == "cuda":
-            ok &= report(info["device"].startswith("cuda"), "the service's encoder is on the GPU")
-        r = httpx.post(f"{server.url}/v1/tenants", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                       json={"id": "check", "classes": list(world.CLASS_NAMES)}, timeout=120)
+            on_gpu = info["device"].startswith("cuda") and (info["backend"] == "torch"
+                                                            or info["providers"][0] == "CUDAExecutionProvider")
+            ok &= report(on_gpu, f"5. {label}: the service's encoder runs on the GPU")
+        for field in ("tenant", "id"):  # the REST contract's name; "id" for servers from before it
+            r = httpx.post(f"{server.url}/v1/tenants", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                           json={field: "check", "classes": list(world.CLASS_NAMES)}, timeout=120)
+            if r.status_code != 422:
+                break
         if r.status_code != 201:
             return report(False, f"register a tenant: HTTP {r.status_code} {r.text[:200]}")
         key = r.json()["api_key"]
-        from serve import jpeg_images  # bench/serve.py: the same noise-style JPEGs as the serving benchmark
+        from gpu_check_decode import photo_jpegs
 
-        images = jpeg_images(64, info["image_size"])
-        raw = best.get(info["backend"], 0.0)
+        images = photo_jpegs(64)
+        ref = raw.get(f"{info['backend']} {info['precision']}", 0.0)
         print("| images/request | requests | images/s | p50 ms | p99 ms | service/raw |\n|---|---|---|---|---|---|")
         for per_request in (1, 32):
             asyncio.run(load(server.url, key, images, per_request, plan.concurrency, plan.concurrency))  # warm-up
-            rate, lat, failed = asyncio.run(load(server.url, key, images, per_request, plan.requests,
-                                                 plan.concurrency))
+            speed, lat, failed = asyncio.run(load(server.url, key, images, per_request, plan.requests,
+                                                  plan.concurrency))
             ms = np.percentile(lat, [50, 99]) * 1000 if lat else [float("nan")] * 2
-            ratio = rate / raw if raw else float("nan")
-            print(f"| {per_request} | {plan.requests} | {rate:.0f} | {ms[0]:.1f} | {ms[1]:.1f} | {ratio:.2f} |",
-                  flush=True)
-            ok &= report(failed == 0, f"{per_request}-image requests: {failed} failed")
+            print(f"| {per_request} | {plan.requests} | {speed:.0f} | {ms[0]:.1f} | {ms[1]:.1f} | "
+                  f"{speed / ref if ref else float('nan'):.2f} |", flush=True)
+            ok &= report(failed == 0, f"5. {label}, {per_request}-image requests: {failed} failed")
     finally:
         server.stop()
     return ok
@@ -258,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     import torch
 
+    from gpu_check_decode import check_decode
     from promptfolio.encoder import load_encoder
-    from service.backends import OnnxImageBackend
 
     if plan.device == "cuda" and not torch.cuda.is_available():
         print("FAIL: torch sees no CUDA device (use --dry-run to check the script on the CPU)")
@@ -270,13 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); onnxruntime {ort.__version__}, "
           f"available providers {ort.get_available_providers()}", flush=True)
     base = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    torch.manual_seed(0)
     enc = load_encoder(plan.arch, "embedded" if plan.arch == "embedded" else None, device=plan.device)
-    backend = OnnxImageBackend(enc, base / "onnx", providers="cuda,cpu" if plan.device == "cuda" else "cpu")
-    ok = check_providers(backend, plan)
-    ok &= check_parity(plan, enc, backend)
-    best = throughput_table(plan, enc, backend)
-    ok &= check_service(plan, best, base)
-    print(f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s; logs and store in {base})")
+    backends = build_backends(plan, enc, base)
+    ok = check_devices(plan, backends)
+    ok &= check_parity(plan, enc, backends)
+    raw = throughput_table(plan, enc, backends)
+    ok &= check_decode(plan, enc)
+    del backends
+    if plan.device == "cuda":
+        print(f"   peak torch GPU memory in this process: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        torch.cuda.empty_cache()
+    # the dry run forces the GPU path's code (fp16, batched decode) onto the CPU
+    forced = {} if plan.device == "cuda" else {"PROMPTFOLIO_PRECISION": "fp16", "PROMPTFOLIO_GPU_DECODE": "on"}
+    ok &= run_service(plan, base, "defaults", forced, raw)
+    if plan.device == "cuda" and time.perf_counter() - t0 > BUDGET_S - 120:
+        print(f"   skipped the service with GPU decode off: {time.perf_counter() - t0:.0f} s spent of {BUDGET_S} s")
+    elif plan.device == "cuda":  # the CPU decode path is the one every CPU test already serves
+        ok &= run_service(plan, base, "CPU decode", {"PROMPTFOLIO_GPU_DECODE": "off"}, raw)
+    print(f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s; logs and stores in {base})")
     return 0 if ok else 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -22,6 +23,12 @@ class ServiceConfig(BaseModel):
     backend: str = "auto"  # image encoder: "auto" (ONNX Runtime if installed), "onnx" or "torch"
     onnx_providers: str = "auto"  # "auto" (CUDA on a GPU, then CPU) or a list such as "cuda,cpu"
     onnx_cache: Path = Path(".cache/onnx")  # exported image towers, keyed by encoder fingerprint
+    # image encoder precision: "auto" = fp16 on CUDA, fp32 on the CPU; with backend "auto" on CUDA the
+    # service times ONNX Runtime and torch at this precision at start and keeps the faster
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # JPEG decoding with torchvision/nvJPEG on the encoder's device: "auto" = when the encoder is on CUDA
+    # (other formats and JPEGs it refuses are decoded on the CPU as usual); "on" forces it on any device
+    gpu_decode: Literal["auto", "on", "off"] = "auto"
     admin_key: str | None = None  # enables the admin endpoints; never logged
     max_batch: int = Field(32, ge=1, le=1024)  # images per encoder call
     max_wait_ms: float = Field(4.0, ge=0, le=1000)  # how long a batch waits to fill

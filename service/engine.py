@@ -34,6 +34,7 @@ from service.backends import make_backend
 from service.batcher import AdmissionGate, FairPool, MicroBatcher
 from service.config import ServiceConfig
 from service.features import FeatureCache, classes_digest, load_persisted, persist
+from service.gpu_decode import make_decoder
 from service.guard import APIError
 from service.schemas import Classification, Prediction
 
@@ -79,10 +80,12 @@ class Engine:
         self.encoder_tag = hashlib.sha256(self.encoder.fingerprint.encode()).hexdigest()[:12]
         # one writer at a time inside the service: a write's check and its commit see the same state
         self.write_lock = threading.RLock()
-        self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers)
+        self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers, cfg.precision,
+                                    probe_batch=cfg.max_batch)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
                                     cfg.admission_deadline_s)
         self.decode_pool = FairPool(cfg.decode_threads)
+        self.gpu_decoder = make_decoder(cfg.gpu_decode, self.encoder, cfg.max_decoded_pixels)
         self.admission = AdmissionGate(cfg.admission_deadline_s)
         self.image_limits = image_io.ImageLimits(
             cfg.max_image_pixels, cfg.max_decoded_pixels, cfg.max_image_side, cfg.max_image_aspect,
@@ -169,10 +172,14 @@ class Engine:
         pool, limits = self.decode_pool, self.image_limits
         probed = await asyncio.gather(*[pool.run(tenant, functools.partial(image_io.probe, data, name, limits))
                                         for data, name in images])  # every header checked before decoding
-        tensors = await asyncio.gather(*[
-            pool.run(tenant, functools.partial(image_io.decode_probed, p, self.encoder.preprocess,
-                                               limits.target_size), heavy=not p.light) for p in probed])
-        feats = await self.batcher.encode(torch.stack(tensors), key=tenant)
+        if self.gpu_decoder is not None:  # service/gpu_decode.py: JPEGs on the GPU, the rest as below
+            batch = await self.gpu_decoder.decode(pool, tenant, images, probed, self.encoder.preprocess,
+                                                  limits.target_size)
+        else:
+            batch = torch.stack(await asyncio.gather(*[
+                pool.run(tenant, functools.partial(image_io.decode_probed, p, self.encoder.preprocess,
+                                                   limits.target_size), heavy=not p.light) for p in probed]))
+        feats = await self.batcher.encode(batch, key=tenant)
         ranked = self.rank(view, feats, top_k)
         return Classification(tenant=tenant, **view.summary(),
                               predictions=[Prediction(file=name, top=top) for (_, name), top in zip(images, ranked)])

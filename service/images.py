@@ -55,6 +55,7 @@ class Probed:
     image: Image.Image | None  # None once handed to the decoder, so the full-size pixels do not linger
     name: str
     decoded_pixels: int
+    full_size: tuple[int, int] = (0, 0)  # (w, h) in the header; `image.size` is the reduced size after draft
 
     @property
     def light(self) -> bool:
@@ -121,7 +122,7 @@ def probe(data: bytes, name: str, limits: ImageLimits) -> Probed:
         raise ImageError(f"{name}: not a decodable image") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name}: corrupt image ({e})") from None
-    return Probed(img, name, decoded)
+    return Probed(img, name, decoded, (w, h))
 
 
 def decode_probed(probed: Probed, preprocess, target_size: int) -> torch.Tensor:

@@ -99,7 +99,8 @@ def info(request: Request) -> ServiceInfo:
     enc, admission = engine.encoder, engine.admission
     return ServiceInfo(
         arch=enc.arch, weights=enc.source, fingerprint=enc.fingerprint, device=str(enc.device),
-        backend=engine.backend.name, providers=list(engine.backend.providers), text_width=enc.text_width,
+        backend=engine.backend.name, precision=engine.backend.precision,
+        gpu_decode=engine.gpu_decoder is not None, providers=list(engine.backend.providers), text_width=enc.text_width,
         image_size=enc.image_size, global_version=engine.store.current_version(None) or 0,
         cache={"entries": len(engine.cache), "bytes": engine.cache.bytes, "hits": engine.cache.hits,
                "misses": engine.cache.misses},

@@ -219,6 +219,8 @@ class ServiceInfo(BaseModel):
     fingerprint: str
     device: str
     backend: str
+    precision: str = Field(description="the image encoder's precision: fp32, or fp16 on CUDA")
+    gpu_decode: bool = Field(description="whether JPEGs are decoded on the GPU")
     providers: list[str]
     text_width: int
     image_size: int
