@@ -47,15 +47,18 @@ def _check_settings(env: dict[str, str]) -> None:
 
 def _check_port_free(host: str, port: int) -> None:
     """A port in use is one line here; BentoML would print a 55-line traceback."""
+    import errno
     import socket
 
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: a port is 1-65535")
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
             probe.bind((host, port))
     except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server? choose "
-                         f"another --port)") from None
+        hint = " (another server? choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
 
 
 def _store(args: argparse.Namespace, create: bool = False):
