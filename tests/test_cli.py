@@ -68,10 +68,10 @@ def test_validation_errors_are_one_line():
     from service.config import ServiceConfig
 
     with pytest.raises(ValueError) as e:
-        ServiceConfig.model_validate({"max_batch": 0, "top_k": "many"})
+        ServiceConfig.model_validate({"max_batch": 0, "max_wait_ms": "many"})
     line = user_error(e.value)
     assert "\n" not in line and "errors.pydantic.dev" not in line
-    assert "max_batch: Input should be greater than or equal to 1" in line and "top_k:" in line
+    assert "max_batch: Input should be greater than or equal to 1" in line and "max_wait_ms:" in line
 
 
 def test_pretrain_never_overwrites_the_shipped_weights(capsys):

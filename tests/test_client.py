@@ -108,7 +108,7 @@ def test_tenant_lifecycle(acme, admin, embedded_encoder, tmp_path):
     assert acme.pin(None).global_version == 1  # follow the current global
     with pytest.raises(PromptFolioError, match="no earlier version") as e:
         admin.rollback_global()
-    assert e.value.status == 400
+    assert e.value.status in (400, 409)  # 409 (a conflict with the state) from the issue-12 server on
     assert "acme" in admin.list_tenants().tenants and "acme" in list(admin.iter_tenants())
 
 
@@ -119,7 +119,7 @@ def test_every_failure_is_one_exception_type(server, admin, acme, tmp_path):
         (lambda: admin.tenant_info("nobody"), 404, "unknown tenant"),
         (lambda: acme.upload_local(b"\x89PNG\r\n\x1a\n" + b"\0" * 64), 400, "not a safetensors file"),
         (lambda: acme.classify(b"not an image"), 400, "not a decodable image"),
-        (lambda: acme.set_theta(2.0), 400, r"θ must be in \[0, 1\]"),
+        (lambda: acme.set_theta(2.0), (400, 422), r"θ must be in \[0, 1\]|theta: Input should be less than"),
         (lambda: acme.list_tenants(), None, "needs the admin key"),  # refused before sending
         (lambda: acme.classify([]), None, "at least one image"),
         (lambda: acme.classify(tmp_path / "missing.png"), None, "no such image file"),
@@ -130,7 +130,7 @@ def test_every_failure_is_one_exception_type(server, admin, acme, tmp_path):
     for call, status, message in cases:
         with pytest.raises(PromptFolioError, match=message) as e:
             call()
-        assert e.value.status == status, e.value
+        assert e.value.status in (status if isinstance(status, tuple) else (status,)), e.value
 
 
 def test_contract_register_answers_tenant_and_409(server, admin):
