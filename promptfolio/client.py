@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, TypeVar, Union
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -154,13 +154,13 @@ class Client:
     key (default: $PROMPTFOLIO_ADMIN_KEY); `tenant` defaults to the one the tenant key names."""
 
     def __init__(self, url: str = DEFAULT_URL, key: str | None = None, admin_key: str | None = None,
-                 tenant: str | None = None, timeout: float = 60.0, transport: httpx.BaseTransport | None = None):
+                 tenant: str | None = None, timeout: float = 60.0):
         self.url = normalize_url(url)
         self.key = key if key is not None else os.environ.get("PROMPTFOLIO_KEY") or None
         self.admin_key = admin_key if admin_key is not None else os.environ.get("PROMPTFOLIO_ADMIN_KEY") or None
         self.tenant = tenant or key_tenant(self.key)
         self.timeout = timeout
-        self._http = httpx.Client(base_url=self.url + API_PREFIX, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.url + API_PREFIX, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -172,17 +172,12 @@ class Client:
         self.close()
 
     # ---- tenant calls (the tenant's key, or the admin key) ------------------------------------
-    def classify(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, theta: float | None = None,
+    def classify(self, images: ImageInput | Iterable[ImageInput], top_k: int = 5, theta: float | None = None,
                  tenant: str | None = None) -> Classification:
         """Top-k labels per image, in input order. Images: file paths, encoded bytes (PNG, JPEG, ...),
         PIL images or uint8 arrays (H×W or H×W×3/4, or a batch N×H×W×3/4; float arrays in [0, 1] are
-        scaled to 0-255). One image or a sequence of them."""
-        if getattr(images, "ndim", None) == 4:  # a batch array
-            items = list(images)
-        elif isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
-            items = [images]
-        else:
-            items = list(images)
+        scaled to 0-255). One image, or any iterable of them."""
+        items = _image_list(images)
         if not items:
             raise PromptFolioError("classify needs at least one image")
         files = [("images", _image_part(item, i)) for i, item in enumerate(items)]
@@ -364,6 +359,18 @@ def _artifact_part(artifact: str | os.PathLike | bytes) -> tuple[str, bytes, str
     if not path.is_file():
         raise PromptFolioError(f"no such artifact file: {path}")
     return path.name, path.read_bytes(), "application/octet-stream"
+
+
+def _image_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One image or many: an N×H×W×C array is a batch, a lower-dimensional one a single image."""
+    ndim = getattr(images, "ndim", None)
+    if ndim is not None:
+        return list(images) if ndim == 4 else [images]
+    if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Iterable):
+        return [images]
+    from PIL import Image
+
+    return [images] if isinstance(images, Image.Image) else list(images)
 
 
 def _image_part(item: ImageInput, index: int) -> tuple[str, bytes, str]:

@@ -4,7 +4,6 @@
 POST .../key, the paginated list, 409 on a second registration); on a server without them they skip.
 """
 
-import io
 
 import httpx
 import numpy as np
