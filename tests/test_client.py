@@ -5,6 +5,8 @@ POST .../key, the paginated list, 409 on a second registration); on a server wit
 """
 
 
+import socket
+
 import httpx
 import numpy as np
 import pytest
@@ -112,6 +114,9 @@ def test_tenant_lifecycle(acme, admin, embedded_encoder, tmp_path):
 
 
 def test_every_failure_is_one_exception_type(server, admin, acme, tmp_path):
+    silent = socket.socket()  # accepts connections (the kernel does) but never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
     cases = [
         (lambda: Client(server.url, key="pf.acme.not-the-key").tenant_info(), 401, "invalid API key"),
         (lambda: acme.tenant_info("globex"), 403, "cannot act on tenant 'globex'"),
@@ -125,11 +130,14 @@ def test_every_failure_is_one_exception_type(server, admin, acme, tmp_path):
         (lambda: acme.classify(np.zeros((4, 4, 7), np.uint8)), None, "not H×W"),
         (lambda: Client("http://127.0.0.1:9/v1", key=acme.key).tenant_info(), None, "cannot connect to http://127.0.0.1:9"),
         (lambda: Client(server.url + "/api", key=acme.key).tenant_info(), 404, "check the service URL"),
+        (lambda: Client(f"http://127.0.0.1:{silent.getsockname()[1]}", key=acme.key, timeout=0.5).tenant_info(),
+         None, r"no answer from .* within 0.5 s \(timeout\)"),
     ]
     for call, status, message in cases:
         with pytest.raises(PromptFolioError, match=message) as e:
             call()
         assert e.value.status in (status if isinstance(status, tuple) else (status,)), e.value
+    silent.close()
 
 
 def test_contract_register_answers_tenant_and_409(server, admin):
