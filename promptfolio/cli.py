@@ -107,7 +107,7 @@ def user_error(e: Exception) -> str | None:
     if client is not None and isinstance(e, client.PromptFolioError):
         return str(e)
     if isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return " ".join(str(e).split("\n")) or type(e).__name__
     return None
 
 
