@@ -137,8 +137,10 @@ def normalize_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise PromptFolioError(f"the service URL {url!r} has a query or fragment: drop the part after "
                                f"{'?' if parts.query else '#'}")
-    path = parts.path.rstrip("/")
-    path = path.removesuffix(API_PREFIX)
+    path = parts.path.rstrip("/").removesuffix(API_PREFIX)
+    if API_PREFIX + "/" in path + "/":  # e.g. .../v1/tenants/acme pasted from an example
+        base = urlunsplit((parts.scheme, parts.netloc, path[: path.index(API_PREFIX + "/")], "", ""))
+        raise PromptFolioError(f"the service URL {url!r} names a route: drop everything after /v1 ({base}{API_PREFIX})")
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 

@@ -103,8 +103,8 @@ def test_offline_tag_port_in_use_and_bad_setting_are_one_line(tmp_path):
 
     r = run_cli("serve", "--store", str(tmp_path / "store"), "--port", str(free_port()), timeout=60,
                 PROMPTFOLIO_MAX_BATCH="0")
-    assert r.returncode == 2 and r.stderr.strip() == \
-        "promptfolio serve: error: invalid setting PROMPTFOLIO_MAX_BATCH='0': Input should be greater than or equal to 1"
+    assert r.returncode == 2 and r.stderr.strip() == ("promptfolio serve: error: invalid setting "
+                                                      "PROMPTFOLIO_MAX_BATCH='0': Input should be greater than or equal to 1")
 
 
 @pytest.fixture(scope="module")

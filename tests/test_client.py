@@ -128,8 +128,10 @@ def test_every_failure_is_one_exception_type(server, admin, acme, tmp_path):
         (lambda: acme.classify([]), None, "at least one image"),
         (lambda: acme.classify(tmp_path / "missing.png"), None, "no such image file"),
         (lambda: acme.classify(np.zeros((4, 4, 7), np.uint8)), None, "not H×W"),
-        (lambda: Client("http://127.0.0.1:9/v1", key=acme.key).tenant_info(), None, "cannot connect to http://127.0.0.1:9"),
+        (lambda: Client("http://127.0.0.1:9/v1", key=acme.key).tenant_info(), None,
+         "cannot connect to http://127.0.0.1:9 "),
         (lambda: Client(server.url + "/api", key=acme.key).tenant_info(), 404, "check the service URL"),
+        (lambda: Client(server.url + "/v1/tenants/acme", key=acme.key), None, "drop everything after /v1"),
         (lambda: Client(f"http://127.0.0.1:{silent.getsockname()[1]}", key=acme.key, timeout=0.5).tenant_info(),
          None, r"no answer from .* within 0.5 s \(timeout\)"),
     ]
