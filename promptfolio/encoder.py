@@ -85,6 +85,15 @@ class _QuietRandomInit(logging.Filter):
 logging.getLogger().addFilter(_QuietRandomInit())
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def register_embedded_config() -> None:
     import open_clip
 
@@ -171,6 +180,45 @@ def parse_pretrained(text: str | None) -> str | None:
     return None if text is None or str(text).strip().lower() in ("none", "random", "") else str(text)
 
 
+def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download_tagged(arch: str, tag: str):
+    """open_clip's weights for a tag, from the local cache or the hub, or one clear EncoderError.
+
+    Without a network huggingface_hub retries each file for ~50 s and logs ~100 lines before it
+    fails; when the hub cannot be reached, the cache alone is tried (its offline mode), at once."""
+    import open_clip
+    from huggingface_hub import constants as hub
+
+    offline_before = hub.HF_HUB_OFFLINE
+    offline = offline_before or not _hub_reachable(hub.ENDPOINT)
+    hub.HF_HUB_OFFLINE = offline
+    quiet = _DropMessages("Failed to download")  # open_clip logs the failure we are about to raise
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, device="cpu")
+    except (RuntimeError, OSError) as e:  # open_clip wraps every download failure in RuntimeError
+        why = (f"are not in the local cache and {hub.ENDPOINT} cannot be reached (offline)" if offline
+               else f"could not be downloaded ({str(e).splitlines()[0][:200]})")
+        raise EncoderError(f"open_clip weights {arch!r}/{tag!r} {why}; download them where a network exists "
+                           f"and pass the checkpoint file: --pretrained PATH") from None
+    finally:
+        hub.HF_HUB_OFFLINE = offline_before
+        logging.getLogger().removeFilter(quiet)
+    return model, preprocess
+
+
 def load_encoder(arch: str = EMBEDDED, pretrained: str | os.PathLike | None = EMBEDDED,
                  device: str | torch.device = "cpu") -> Encoder:
     """Load a frozen CLIP.
@@ -209,7 +257,7 @@ def load_encoder(arch: str = EMBEDDED, pretrained: str | os.PathLike | None = EM
             if text not in tags:
                 raise EncoderError(f"unknown pretrained tag {text!r} for {arch!r}; known tags: "
                                    f"{', '.join(tags) or 'none'}; or pass a checkpoint file path")
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=text, device="cpu")
+            model, preprocess = _download_tagged(arch, text)
             source = text
 
     model.eval().requires_grad_(False).to(device)

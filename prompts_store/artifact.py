@@ -159,6 +159,8 @@ def _header(data: bytes) -> tuple[int, dict]:
     if len(data) < 8:
         raise ArtifactError(f"truncated file: {len(data)} bytes, not a safetensors file")
     (n,) = struct.unpack("<Q", data[:8])
+    if len(data) > 8 and data[8:9] != b"{":  # a safetensors header is a JSON object right after its length
+        raise ArtifactError("not a safetensors file (corrupt safetensors header)")
     if n > MAX_HEADER_BYTES:
         raise ArtifactError(f"safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > len(data):

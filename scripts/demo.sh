@@ -22,23 +22,22 @@ trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.5; done
 curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "service did not start"; tail -20 "$RUN/serve.log"; exit 1; }
 
-echo "== 3. register client-1's organisation as tenant 'clinic-1' (admin)"
-CLASSES=$(python -c "import json; from promptfolio.embedded.world import CLASS_NAMES; print(json.dumps(CLASS_NAMES))")
-KEY=$(curl -sf -X POST "http://127.0.0.1:$PORT/v1/tenants" -H "Authorization: Bearer $PROMPTFOLIO_ADMIN_KEY" \
-  -H 'Content-Type: application/json' -d "{\"id\": \"clinic-1\", \"classes\": $CLASSES}" \
-  | python -c "import sys, json; print(json.load(sys.stdin)['api_key'])")
+echo "== 3. register client-1's organisation as tenant 'clinic-1' (admin, with the Python client)"
+export PROMPTFOLIO_URL="http://127.0.0.1:$PORT"
+PROMPTFOLIO_KEY=$(python -c "
+from promptfolio import Client
+from promptfolio.embedded.world import CLASS_NAMES
+print(Client('$PROMPTFOLIO_URL').register('clinic-1', CLASS_NAMES).api_key)")
+export PROMPTFOLIO_KEY  # the tenant's key, for classify and upload (kept off the command line)
 
 echo "== 4. classify client-1's test images (up to 60, in its own style) with the global prompt only"
 python scripts/demo_images.py export "$RUN/train" 1 "$RUN/images" 60
 classify() {
-  args=(); for f in "$RUN"/images/*.png; do args+=(-F "images=@$f"); done
-  curl -sf "http://127.0.0.1:$PORT/v1/tenants/clinic-1/classify" -H "Authorization: Bearer $KEY" "${args[@]}" -F top_k=1 \
-    | python scripts/demo_images.py score "$RUN/images"
+  promptfolio classify "$RUN/images" --top-k 1 --json | python scripts/demo_images.py score "$RUN/images"
 }
 classify
 
-echo "== 5. client-1 uploads its local prompt over REST; the next request uses it"
-promptfolio upload --url "http://127.0.0.1:$PORT" --tenant clinic-1 --key "$KEY" \
-  --file "$RUN/train/clients/client-1/local-promptfolio-auto.safetensors"
+echo "== 5. client-1 uploads its local prompt over REST (key from PROMPTFOLIO_KEY); the next request uses it"
+promptfolio upload --tenant clinic-1 --file "$RUN/train/clients/client-1/local-promptfolio-auto.safetensors"
 classify
 echo "done: outputs in $RUN (metrics.json, plots, store, serve.log)"

@@ -4,7 +4,7 @@ The exported images are the very ones the client was evaluated on: the same plan
 style and the same per-image style noise (`style_seed`) as training.
 
     python scripts/demo_images.py export RUN_DIR PARTITION OUT_DIR N
-    curl ... | python scripts/demo_images.py score OUT_DIR
+    promptfolio classify OUT_DIR --json | python scripts/demo_images.py score OUT_DIR
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def export(run_dir: str, partition: int, out_dir: str, n: int) -> None:
 def score(out_dir: str) -> None:
     answer = json.load(sys.stdin)
     labels = json.loads((Path(out_dir) / "labels.json").read_text())
-    hits = [p["top"][0]["label"] == labels[p["file"]] for p in answer["predictions"]]
+    hits = [p["top"][0]["label"] == labels[Path(p["file"]).name] for p in answer["predictions"]]
     local = answer["local_version"]
     print(f"tenant {answer['tenant']}: global prompt v{answer['global_version']}, "
           f"local prompt {'v' + str(local) if local else 'none'}, θ={answer['theta']:.2f} -> "

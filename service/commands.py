@@ -1,4 +1,4 @@
-"""`promptfolio serve`, `promptfolio tenant add|list|rotate-key`, `promptfolio upload`."""
+"""`promptfolio serve`, `promptfolio tenant add|list|rotate-key` (the REST client's commands: client_commands)."""
 
 from __future__ import annotations
 
@@ -35,12 +35,45 @@ def _serve(args: argparse.Namespace) -> int:
     env = serve_env(args, dict(os.environ))
     store = env[env_name("store")]
     open_root(store, create=args.init)  # a missing store is an error (exit 2) unless --init
+    _check_settings(env)
+    _check_port_free(args.host, args.port)
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:PromptFolio", "--working-dir", str(root),
            "--host", args.host, "--port", str(args.port)]
     print(f"serving on http://{args.host}:{args.port}/v1 (store {store})", file=sys.stderr)
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def _check_settings(env: dict[str, str]) -> None:
+    """The service's PROMPTFOLIO_* settings, checked here: in the worker a bad one is a traceback."""
+    from pydantic import ValidationError
+
+    from service.config import ENV_PREFIX, ServiceConfig
+
+    # `pretrained` is checked when the encoder loads (its parser imports torch, which this process avoids)
+    try:
+        ServiceConfig.from_env({k: v for k, v in env.items() if k != ENV_PREFIX + "PRETRAINED"})
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        raise ValueError(f"invalid setting {name}={err.get('input')!r}: {err['msg']}") from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port in use is one line here; BentoML would print a 55-line traceback."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: a port is 1-65535")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind((host, port))
+    except OSError as e:
+        hint = " (another server? choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
 
 
 def _store(args: argparse.Namespace, create: bool = False):
@@ -84,31 +117,6 @@ def _tenant_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upload(args: argparse.Namespace) -> int:
-    import httpx
-
-    path = Path(args.file)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such artifact file: {path}")
-    url = args.url.rstrip("/")
-    target = f"{url}/v1/global/prompt" if args.tenant is None else f"{url}/v1/tenants/{args.tenant}/prompt"
-    try:
-        response = httpx.post(target, headers={"Authorization": f"Bearer {args.key}"},
-                              files={"file": (path.name, path.read_bytes(), "application/octet-stream")},
-                              data={"allow_unpinned": "true"} if args.allow_unpinned else None,
-                              timeout=args.timeout)
-    except httpx.HTTPError as e:
-        raise ValueError(f"cannot reach {url}: {e}") from None
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        raise ValueError(f"server answered {response.status_code}: {message}")
-    print(response.text)
-    return 0
-
-
 def _setting_help(name: str, what: str) -> str:
     return f"{what} (default: ${env_name(name)}, else {ServiceConfig.model_fields[name].default})"
 
@@ -144,13 +152,3 @@ def add_commands(sub) -> None:
     p.add_argument("tenant")
     p.add_argument("--store", default=None, help=_setting_help("store", "prompts store folder"))
     p.set_defaults(handler=_tenant_rotate)
-
-    p = sub.add_parser("upload", help="upload a prompt artifact to a running service over REST")
-    p.add_argument("--url", default="http://127.0.0.1:3000")
-    p.add_argument("--tenant", help="tenant id (omit with the admin key to publish a global prompt)")
-    p.add_argument("--key", required=True, help="the tenant's API key (or the admin key)")
-    p.add_argument("--allow-unpinned", action="store_true",
-                   help="accept a local prompt whose global prompt the store does not hold (served unpinned)")
-    p.add_argument("--file", required=True, help="a .safetensors prompt artifact")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.set_defaults(handler=_upload)

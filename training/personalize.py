@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import httpx
 import torch
 
 from promptfolio import portfolio
@@ -44,33 +43,17 @@ class PersonalizeResult:
 
 def fetch_global(url: str, key: str, timeout: float = 60.0) -> bytes:
     """The service's current global prompt artifact (any tenant key or the admin key)."""
-    target = url.rstrip("/") + "/v1/global/prompt"
-    try:
-        response = httpx.get(target, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise ValueError(f"cannot reach {url}: {e}") from None
-    if response.status_code >= 400:
-        raise ValueError(f"{target} answered {response.status_code}: {_error_of(response)}")
-    return response.content
+    from promptfolio.client import Client
+
+    with Client(url, key=key, timeout=timeout) as client:
+        return client.download_global().data
 
 
 def upload_local(url: str, tenant: str, key: str, data: bytes, timeout: float = 60.0) -> dict:
-    target = url.rstrip("/") + f"/v1/tenants/{tenant}/prompt"
-    try:
-        response = httpx.post(target, headers={"Authorization": f"Bearer {key}"},
-                              files={"file": ("local.safetensors", data, "application/octet-stream")}, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise ValueError(f"cannot reach {url}: {e}") from None
-    if response.status_code >= 400:
-        raise ValueError(f"upload to {target} answered {response.status_code}: {_error_of(response)}")
-    return response.json()
+    from promptfolio.client import Client
 
-
-def _error_of(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("error", response.text))
-    except ValueError:
-        return response.text[:300]
+    with Client(url, key=key, tenant=tenant, timeout=timeout) as client:
+        return client.upload_local(data).model_dump()
 
 
 def _initial_local(encoder: Encoder, cfg: TrainConfig, n_ctx: int, seed: int) -> torch.Tensor:

@@ -7,11 +7,19 @@ from pathlib import Path
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from promptfolio.embedded import RECORD_PATH, WEIGHTS_PATH
+    from promptfolio.embedded import HERE, RECORD_PATH, WEIGHTS_PATH
     from promptfolio.embedded.pretrain import PretrainConfig, pretrain
 
-    out = Path(args.out) if args.out else WEIGHTS_PATH
-    record = out.with_name(out.name.replace(".safetensors", ".record.json")) if args.out else RECORD_PATH
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: the weights file must end in .safetensors")
+    record = out.with_name(out.name.removesuffix(".safetensors") + ".record.json")
+    # the shipped weights and their record are what every store and artifact was made with
+    shipped = {WEIGHTS_PATH.resolve(), RECORD_PATH.resolve()}
+    if out.resolve() in shipped or record.resolve() in shipped or out.resolve().parent == HERE:
+        raise ValueError(f"--out {out} would overwrite the shipped weights inside the package; write elsewhere "
+                         f"(e.g. --out .cache/promptfolio-tiny.safetensors)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     pretrain(PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed), out, record)
     return 0
 
@@ -56,7 +64,8 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="weights file to write (default: the shipped one)")
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors; never the shipped one, "
+                                                "which stores and artifacts were made with)")
     p.set_defaults(handler=_pretrain)
 
     p = esub.add_parser("eval", help="zero-shot and linear-probe accuracy per style")
