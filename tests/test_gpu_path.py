@@ -156,8 +156,8 @@ def test_engine_serves_the_gpu_path_like_the_default_one(embedded_encoder, tmp_p
     assert gpu_path.backend.precision == "fp16"
     default.store.add_tenant("t", list(world.CLASS_NAMES))
     try:
-        ref = asyncio.run(default.classify("t", request, top_k=3))
-        out = asyncio.run(gpu_path.classify("t", request, top_k=3))
+        ref = asyncio.run(default.classify("t", request, top_k=3)).model_dump()
+        out = asyncio.run(gpu_path.classify("t", request, top_k=3)).model_dump()
         assert (gpu_path.gpu_decoder.decoded, gpu_path.gpu_decoder.refused) == (6, 0)  # the PNG and CMYK: CPU
         # the same top-1 everywhere. Scores are a softmax over 100 x cosine, and the CPU path decodes JPEGs
         # at reduced size (libjpeg's DCT scaling) while the batched decoder decodes them whole, as training
