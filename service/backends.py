@@ -120,6 +120,9 @@ class OnnxImageBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's pool threads busy-wait after each run by default: with frequent small batches one
+        # of them spun a whole core (half the service's CPU with the tiny model). Off: they sleep between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         device = str(encoder.device)
         chosen = choose_providers(providers, device)
         if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
@@ -138,16 +141,17 @@ class OnnxImageBackend:
         return torch.from_numpy(self.session.run(["features"], {"images": x})[0])
 
 
-def make_backend(kind: str, encoder: Encoder, cache_dir: Path, providers: str = "auto"):
-    """kind: 'torch', 'onnx', or 'auto' (ONNX Runtime when installed and exportable, else torch)."""
+def make_backend(kind: str, encoder: Encoder, cache_dir: Path, providers: str = "auto", threads: int | None = None):
+    """kind: 'torch', 'onnx', or 'auto' (ONNX Runtime when installed and exportable, else torch);
+    threads: ONNX Runtime's intra-op threads (None: one per core)."""
     if kind == "torch":
         return TorchImageBackend(encoder)
     if kind == "onnx":
-        return OnnxImageBackend(encoder, cache_dir, providers)
+        return OnnxImageBackend(encoder, cache_dir, providers, threads)
     if kind != "auto":
         raise BackendError(f"unknown backend {kind!r}; choose torch, onnx or auto")
     try:
-        return OnnxImageBackend(encoder, cache_dir, providers)
+        return OnnxImageBackend(encoder, cache_dir, providers, threads)
     except BackendError as e:
         log.warning("%s; using the torch backend", e)
         return TorchImageBackend(encoder)

@@ -28,6 +28,8 @@ from typing import Any, Callable, Generic, TypeVar
 
 import torch
 
+from service import metrics
+
 T = TypeVar("T")
 
 
@@ -197,6 +199,7 @@ class AdmissionGate:
 class _Job:
     images: torch.Tensor  # [n, 3, H, W]
     future: asyncio.Future
+    queued_at: float = 0.0  # perf_counter when queued
     taken: int = 0  # rows handed to a batch
     parts: list[torch.Tensor] = field(default_factory=list)  # feature rows back, in order
 
@@ -248,7 +251,8 @@ class MicroBatcher:
             raise Overloaded(wait - self.deadline_s, f"expected encoder wait {wait:.1f} s exceeds the "
                                                      f"{self.deadline_s:g} s deadline")
         self.pending_images += n
-        job = _Job(images, asyncio.get_running_loop().create_future())
+        metrics.queue_depth.set(self.pending_images)
+        job = _Job(images, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.put(key, job)
         self._queued_rows += n
         wakeup.set()
@@ -289,12 +293,17 @@ class MicroBatcher:
             count = sum(stop - start for _, start, stop in slices)
             batch = torch.cat([job.images[start:stop] for job, start, stop in slices])
             start_time = time.perf_counter()
+            for job, _, _ in slices:
+                metrics.queue_wait.observe(start_time - job.queued_at)
+            metrics.batch_size.observe(count)
             try:
-                feats = await loop.run_in_executor(self._executor, self.encode_fn, batch)
+                feats, cpu_seconds = await loop.run_in_executor(self._executor, self._encode, batch)
             except Exception as e:  # surface to every request in the batch, keep the loop alive
                 self._fail(slices, e)
                 continue
             elapsed = time.perf_counter() - start_time
+            metrics.encoder_seconds.observe(elapsed)
+            metrics.encoder_cpu.inc(cpu_seconds)
             self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / max(count, 1)
             self.batches += 1
             self.images += count
@@ -304,8 +313,14 @@ class MicroBatcher:
                 offset += stop - start
                 if job.done == job.images.shape[0]:
                     self.pending_images -= job.images.shape[0]
+                    metrics.queue_depth.set(self.pending_images)
                     if not job.future.done():
                         job.future.set_result(torch.cat(job.parts) if len(job.parts) > 1 else job.parts[0])
+
+    def _encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The features and the CPU seconds this thread spent on them (in the encoder thread)."""
+        cpu = time.thread_time()
+        return self.encode_fn(batch), time.thread_time() - cpu
 
     def _fail(self, slices: list, error: Exception) -> None:
         for job, _, _ in slices:
@@ -316,6 +331,7 @@ class MicroBatcher:
     def _drop(self, job: _Job) -> None:
         """A failed job's rows still queued are removed and its images leave the pending count."""
         self.pending_images -= job.images.shape[0]
+        metrics.queue_depth.set(self.pending_images)
         remaining = job.images.shape[0] - job.taken
         job.taken = job.images.shape[0]
         self._queued_rows -= remaining

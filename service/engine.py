@@ -78,7 +78,8 @@ class Engine:
         self.encoder_tag = hashlib.sha256(self.encoder.fingerprint.encode()).hexdigest()[:12]
         # one writer at a time inside the service: a write's check and its commit see the same state
         self.write_lock = threading.RLock()
-        self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers)
+        self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers,
+                                    cfg.encoder_threads or None)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
                                     cfg.admission_deadline_s)
         self.decode_pool = FairPool(cfg.decode_threads)
