@@ -11,7 +11,7 @@ on features.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import hashlib
 import logging
 import threading
@@ -80,15 +80,31 @@ class Engine:
         self.write_lock = threading.RLock()
         self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers,
                                     cfg.encoder_threads or None)
+        # With the encoder in ONNX Runtime, torch only does small per-request ops (batched normalise, the
+        # [B, D] x [D, C] ranking): on more threads its OpenMP workers spin at each one (10-40x the CPU
+        # when the cores are busy). The text encoder, off the request path, gets the cores back while it runs.
+        self.text_threads = torch.get_num_threads()
+        if self.backend.name != "torch":
+            torch.set_num_threads(1)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
                                     cfg.admission_deadline_s)
         self.decode_pool = FairPool(cfg.decode_threads)
         self.admission = AdmissionGate(cfg.admission_deadline_s)
+        self.preprocess = image_io.SplitPreprocess.of(self.encoder.preprocess)  # batched ToTensor + Normalize
         self.image_limits = image_io.ImageLimits(
             cfg.max_image_pixels, cfg.max_decoded_pixels, cfg.max_image_side, cfg.max_image_aspect,
             cfg.max_resized_pixels, self.encoder.image_size)
 
     # ---- text side ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _text_threads(self):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.text_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def features(self, tenant: str | None, sha256: str, classes: list[str],
                  load_ctx: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """`T(p, classes)` `[C, D]` of the prompt with content `sha256` in `tenant`'s scope (None:
@@ -103,7 +119,8 @@ class Engine:
         if feats is None:
             ctx = load_ctx()
             try:
-                feats = encode_classes(self.encoder, ctx, classes).cpu()
+                with self._text_threads():
+                    feats = encode_classes(self.encoder, ctx, classes).cpu()
             except ValueError as e:  # e.g. class names too long for the context length with this n_ctx
                 raise Unservable(str(e)) from None
             if not torch.isfinite(feats).all():
@@ -165,13 +182,9 @@ class Engine:
         """Decode (fairly, bounded per image) -> encode (batched fairly between tenants) -> rank."""
         view = await asyncio.to_thread(self.view, tenant, theta)  # a bad θ is a 400 before any decode
         metrics.count_cache(view.cache_hit)
-        pool, limits = self.decode_pool, self.image_limits
-        probed = await asyncio.gather(*[pool.run(tenant, functools.partial(image_io.probe, data, name, limits))
-                                        for data, name in images])  # every header checked before decoding
-        tensors = await asyncio.gather(*[
-            pool.run(tenant, functools.partial(image_io.decode_probed, p, self.encoder.preprocess,
-                                               limits.target_size), heavy=not p.light) for p in probed])
-        feats = await self.batcher.encode(torch.stack(tensors), key=tenant)
+        # every header checked before decoding; decoded in groups on the fair pool
+        pixels = await image_io.decode_request(self.decode_pool, tenant, images, self.image_limits, self.preprocess)
+        feats = await self.batcher.encode(pixels, key=tenant)
         ranked = self.rank(view, feats, top_k)
         return {"tenant": tenant, **view.summary(),
                 "predictions": [{"file": name, "top": top} for (_, name), top in zip(images, ranked)]}
