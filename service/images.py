@@ -194,8 +194,9 @@ def decode_pixels(probed: Probed, preprocess: SplitPreprocess, target_size: int)
     return decode_probed(probed, preprocess.pixels, target_size)
 
 
-def decode_group(group: list[Probed], preprocess: SplitPreprocess, target_size: int) -> list:
-    return [decode_pixels(p, preprocess, target_size) for p in group]
+def decode_group(group: list[Probed], preprocess: SplitPreprocess, target_size: int) -> torch.Tensor:
+    """A group's images -> `[k, 3, H, W]` model input (in a decode worker, off the event loop)."""
+    return preprocess.batch([decode_pixels(p, preprocess, target_size) for p in group])
 
 
 async def decode_request(pool, key: str, images: list[tuple[bytes, str]], limits: ImageLimits,
@@ -225,12 +226,12 @@ async def decode_request(pool, key: str, images: list[tuple[bytes, str]], limits
     else:
         decoded = await asyncio.gather(*[pool.run(key, lambda g=g: decode_group(g, preprocess, size), heavy=heavy)
                                          for g, heavy in groups])
+    if len(decoded) == 1:
+        return decoded[0]
     order = {id(p): i for i, p in enumerate(probed)}
-    items: list = [None] * len(probed)
-    for (group, _), pixels in zip(groups, decoded):
-        for p, x in zip(group, pixels):
-            items[order[id(p)]] = x
-    return preprocess.batch(items)
+    rows = torch.tensor([order[id(p)] for group, _ in groups for p in group])
+    merged = torch.cat(decoded)
+    return merged if bool((rows == torch.arange(len(rows))).all()) else merged[torch.argsort(rows)]
 
 
 def return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
