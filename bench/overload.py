@@ -219,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser, parts: str = "overload,fairne
     parser.add_argument("--parts", default=parts, help="which parts to run (overload, fairness, soak)")
     parser.add_argument("--soak-minutes", type=int, default=4)
     parser.add_argument("--soak-fraction", type=float, default=0.5, help="of the capacity for 1-image requests")
+    parser.add_argument("--soak-rate", type=float, default=0.0, help="req/s (0: --soak-fraction of capacity)")
+    parser.add_argument("--soak-upload-every", type=float, default=5.0, help="seconds between uploads (0: none)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -279,17 +281,18 @@ def _soak_run(server, keys: dict[str, str], uploads: list[bytes], args) -> list[
         requests.append(request_bytes(f"/v1/tenants/{tenant}/classify", key, content_type, body))
     asyncio.run(closed_loop(server.port, requests, 4, 3.0))  # warm up
     capacity = asyncio.run(closed_loop(server.port, requests, 8, 15.0))
-    rate = args.soak_fraction * capacity
+    rate = args.soak_rate or args.soak_fraction * capacity
 
     def rss() -> float:
         root = psutil.Process(server.proc.pid)
         return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
 
     print(f"\nsoak: capacity {capacity:.1f} req/s (8 closed-loop clients, 1 image each); {rate:.1f} req/s for "
-          f"{args.soak_minutes} min over {len(keys)} tenants, an upload every 5 s")
+          f"{args.soak_minutes} min over {len(keys)} tenants, an upload every {args.soak_upload_every:g} s (0: none)")
     print("| minute | requests | admitted p50 / p99 ms | shed | failed (no answer) | other statuses | RSS MiB |")
     print("|---|---|---|---|---|---|---|")
-    return soak(server.port, requests, rate, args.soak_minutes, uploads, 5.0, rss)
+    every = args.soak_upload_every
+    return soak(server.port, requests, rate, args.soak_minutes, uploads if every > 0 else None, every or 5.0, rss)
 
 
 def _fairness_run(server, keys: dict[str, str]) -> dict:
