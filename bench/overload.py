@@ -137,6 +137,22 @@ def overload(port: int, requests: list[bytes], capacity_rps: float, loads: tuple
     return rows
 
 
+def soak(port: int, requests: list[bytes], rate: float, minutes: int, side_requests: list[bytes] | None = None,
+         side_every_s: float = 5.0, rss=None) -> list[dict]:
+    """Open-loop Poisson load at `rate` for `minutes`, one summary row per minute (plus server RSS via `rss()`):
+    the issue-10 soak on this generator instead of httpx (whose own CPU saturated a core there)."""
+    rows = []
+    for minute in range(1, minutes + 1):
+        results = asyncio.run(open_loop(port, requests, rate, 60.0, seed=minute, side_requests=side_requests,
+                                        side_every_s=side_every_s))
+        rows.append({"minute": minute, **summarize(results, rate, 60.0), "rss_mib": rss() if rss else None})
+        r = rows[-1]
+        print(f"| {minute} | {r['requests']} | {r['admitted_p50_ms']} / {r['admitted_p99_ms']} | "
+              f"{r['shed_fraction']:.1%} | {r['failed']} {r['failures']} | {r['other_status']} | {r['rss_mib']} |",
+              flush=True)
+    return rows
+
+
 def fairness(port: int, probe: bytes, heavy: bytes, repeats: int = 30) -> dict:
     """The probe's latency idle, then back to back while `heavy` requests run one after another."""
 
@@ -200,7 +216,11 @@ def add_arguments(parser: argparse.ArgumentParser, parts: str = "overload,fairne
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each open-loop run")
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--deadline", type=float, default=1.0, help="PROMPTFOLIO_ADMISSION_DEADLINE_S")
-    parser.add_argument("--parts", default=parts, help="which parts to run")
+    parser.add_argument("--parts", default=parts, help="which parts to run (overload, fairness, soak)")
+    parser.add_argument("--soak-minutes", type=int, default=4)
+    parser.add_argument("--soak-fraction", type=float, default=0.5, help="of the capacity for 1-image requests")
+    parser.add_argument("--soak-rate", type=float, default=0.0, help="req/s (0: --soak-fraction of capacity)")
+    parser.add_argument("--soak-upload-every", type=float, default=5.0, help="seconds between uploads (0: none)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -211,7 +231,7 @@ def run(args: argparse.Namespace) -> None:
     server = Server(base / "store", base / "server.log", PROMPTFOLIO_ADMISSION_DEADLINE_S=str(args.deadline)).start()
     try:
         keys, classify, uploads = _setup(server, args.tenants)
-        rows, fair, capacity = [], {}, float("nan")
+        rows, fair, capacity, soak_rows = [], {}, float("nan"), []
         if "overload" in args.parts:
             asyncio.run(closed_loop(server.port, classify, 4, 3.0))  # warm up
             capacity = asyncio.run(closed_loop(server.port, classify, 16, max(10.0, args.seconds / 3)))
@@ -220,8 +240,11 @@ def run(args: argparse.Namespace) -> None:
             _print_overload(rows, args)
         if "fairness" in args.parts:
             fair = _fairness_run(server, keys)
+        if "soak" in args.parts:
+            soak_rows = _soak_run(server, keys, uploads, args)
         if args.out:
-            Path(args.out).write_text(json.dumps({"capacity_rps": capacity, "overload": rows, "fairness": fair},
+            Path(args.out).write_text(json.dumps({"capacity_rps": capacity, "overload": rows, "fairness": fair,
+                                                  "soak": soak_rows},
                                                  indent=1))
     finally:
         server.stop()
@@ -243,6 +266,33 @@ def _print_overload(rows: list[dict], args) -> None:
     for row in rows:
         print(f"| {row['load']:.0%} | {row['offered_rps']} | {row['requests']} | {row['admitted_p50_ms']} / "
               f"{row['admitted_p99_ms']} | {row['shed_fraction']:.1%} | {row['failed']} {row['failures']} |")
+
+
+def _soak_run(server, keys: dict[str, str], uploads: list[bytes], args) -> list[dict]:
+    """The soak of issue 10 (1 image per request over the tenants, an upload every 5 s, half of capacity)."""
+    import psutil
+
+    from promptfolio.embedded import world
+
+    images, _ = world.task_dataset(16, world.calibrated("noise"), seed=4)
+    requests = []
+    for i, (tenant, key) in enumerate(keys.items()):
+        content_type, body = multipart([png(images[i % 16])])
+        requests.append(request_bytes(f"/v1/tenants/{tenant}/classify", key, content_type, body))
+    asyncio.run(closed_loop(server.port, requests, 4, 3.0))  # warm up
+    capacity = asyncio.run(closed_loop(server.port, requests, 8, 15.0))
+    rate = args.soak_rate or args.soak_fraction * capacity
+
+    def rss() -> float:
+        root = psutil.Process(server.proc.pid)
+        return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
+
+    print(f"\nsoak: capacity {capacity:.1f} req/s (8 closed-loop clients, 1 image each); {rate:.1f} req/s for "
+          f"{args.soak_minutes} min over {len(keys)} tenants, an upload every {args.soak_upload_every:g} s (0: none)")
+    print("| minute | requests | admitted p50 / p99 ms | shed | failed (no answer) | other statuses | RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    every = args.soak_upload_every
+    return soak(server.port, requests, rate, args.soak_minutes, uploads if every > 0 else None, every or 5.0, rss)
 
 
 def _fairness_run(server, keys: dict[str, str]) -> dict:

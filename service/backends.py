@@ -186,6 +186,9 @@ class OnnxImageBackend:
         # #15494 and #26717 report fp16 models failing there too); "all" adds only CPU layout passes
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if self.precision == "fp16"
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        # ONNX Runtime's pool threads busy-wait after each run by default: with frequent small batches one
+        # of them spun a whole core (half the service's CPU with the tiny model). Off: they sleep between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         device = str(encoder.device)
         chosen = choose_providers(providers, device)
         if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
@@ -232,18 +235,19 @@ def seconds_per_batch(backend, batch: int, image_size: int, device: str, repeats
 
 
 def make_backend(kind: str, encoder: Encoder, cache_dir: Path, providers: str = "auto", precision: str = "auto",
-                 probe_batch: int = 32) -> Backend:
+                 probe_batch: int = 32, threads: int | None = None) -> Backend:
     """kind: 'torch', 'onnx', or 'auto'. On the CPU, auto is ONNX Runtime when installed and exportable,
     else torch. On CUDA, auto builds both at `precision` and keeps the one faster on a `probe_batch`
-    batch (which wins depends on the GPU and the architecture; measuring costs a second at start)."""
+    batch (which wins depends on the GPU and the architecture; measuring costs a second at start).
+    threads: ONNX Runtime's intra-op threads (None: one per core)."""
     if kind == "torch":
         return TorchImageBackend(encoder, precision)
     if kind == "onnx":
-        return OnnxImageBackend(encoder, cache_dir, providers, precision=precision)
+        return OnnxImageBackend(encoder, cache_dir, providers, threads, precision=precision)
     if kind != "auto":
         raise BackendError(f"unknown backend {kind!r}; choose torch, onnx or auto")
     try:
-        onnx = OnnxImageBackend(encoder, cache_dir, providers, precision=precision)
+        onnx = OnnxImageBackend(encoder, cache_dir, providers, threads, precision=precision)
     except BackendError as e:
         log.warning("%s; using the torch backend", e)
         return TorchImageBackend(encoder, precision)

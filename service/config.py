@@ -51,6 +51,8 @@ class ServiceConfig(BaseModel):
     max_connections: int = Field(1024, ge=1)  # beyond it idle connections are closed, then new ones refused
     cache_mb: float = Field(256.0, gt=0)  # tenant feature cache bound
     decode_threads: int = Field(2, ge=1, le=64)
+    encoder_threads: int = Field(0, ge=0, le=256)  # ONNX Runtime intra-op threads; 0: one per core
+    tenant_metrics: bool = False  # per-tenant request/image/upload counters (one series per tenant)
 
     @classmethod
     def env_values(cls, environ: dict[str, str] | None = None) -> dict[str, str]:

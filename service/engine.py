@@ -11,7 +11,7 @@ on features.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import hashlib
 import logging
 import threading
@@ -81,17 +81,33 @@ class Engine:
         # one writer at a time inside the service: a write's check and its commit see the same state
         self.write_lock = threading.RLock()
         self.backend = make_backend(cfg.backend, self.encoder, cfg.onnx_cache, cfg.onnx_providers, cfg.precision,
-                                    probe_batch=cfg.max_batch)
+                                    probe_batch=cfg.max_batch, threads=cfg.encoder_threads or None)
+        # With the encoder in ONNX Runtime, torch only does small per-request ops (batched normalise, the
+        # [B, D] x [D, C] ranking): on more threads its OpenMP workers spin at each one (10-40x the CPU
+        # when the cores are busy). The text encoder, off the request path, gets the cores back while it runs.
+        self.text_threads = torch.get_num_threads()
+        if self.backend.name != "torch":
+            torch.set_num_threads(1)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
                                     cfg.admission_deadline_s)
         self.decode_pool = FairPool(cfg.decode_threads)
         self.gpu_decoder = make_decoder(cfg.gpu_decode, self.encoder, cfg.max_decoded_pixels)
         self.admission = AdmissionGate(cfg.admission_deadline_s)
+        self.preprocess = image_io.SplitPreprocess.of(self.encoder.preprocess)  # batched ToTensor + Normalize
         self.image_limits = image_io.ImageLimits(
             cfg.max_image_pixels, cfg.max_decoded_pixels, cfg.max_image_side, cfg.max_image_aspect,
             cfg.max_resized_pixels, self.encoder.image_size)
 
     # ---- text side ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _text_threads(self):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.text_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def features(self, tenant: str | None, sha256: str, classes: list[str],
                  load_ctx: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """`T(p, classes)` `[C, D]` of the prompt with content `sha256` in `tenant`'s scope (None:
@@ -106,7 +122,8 @@ class Engine:
         if feats is None:
             ctx = load_ctx()
             try:
-                feats = encode_classes(self.encoder, ctx, classes).cpu()
+                with self._text_threads():
+                    feats = encode_classes(self.encoder, ctx, classes).cpu()
             except ValueError as e:  # e.g. class names too long for the context length with this n_ctx
                 raise Unservable(str(e)) from None
             if not torch.isfinite(feats).all():
@@ -169,17 +186,15 @@ class Engine:
         between tenants) -> rank against the tenant's classes."""
         view = await asyncio.to_thread(self.view, tenant, theta)  # a bad θ is a 400 before any decode
         metrics.count_cache(view.cache_hit)
-        pool, limits = self.decode_pool, self.image_limits
-        probed = await asyncio.gather(*[pool.run(tenant, functools.partial(image_io.probe, data, name, limits))
-                                        for data, name in images])  # every header checked before decoding
-        if self.gpu_decoder is not None:  # service/gpu_decode.py: JPEGs on the GPU, the rest as below
-            batch = await self.gpu_decoder.decode(pool, tenant, images, probed, self.encoder.preprocess,
-                                                  limits.target_size)
-        else:
-            batch = torch.stack(await asyncio.gather(*[
-                pool.run(tenant, functools.partial(image_io.decode_probed, p, self.encoder.preprocess,
-                                                   limits.target_size), heavy=not p.light) for p in probed]))
-        feats = await self.batcher.encode(batch, key=tenant)
+        if self.gpu_decoder is not None:  # service/gpu_decode.py: JPEGs on the GPU, the rest on the CPU
+            limits = self.image_limits
+            probed = [image_io.probe(data, name, limits) for data, name in images]  # headers first
+            pixels = await self.gpu_decoder.decode(self.decode_pool, tenant, images, probed,
+                                                   self.encoder.preprocess, limits.target_size)
+        else:  # every header checked before decoding; decoded in groups on the fair pool
+            pixels = await image_io.decode_request(self.decode_pool, tenant, images, self.image_limits,
+                                                   self.preprocess)
+        feats = await self.batcher.encode(pixels, key=tenant)
         ranked = self.rank(view, feats, top_k)
         return Classification(tenant=tenant, **view.summary(),
                               predictions=[Prediction(file=name, top=top) for (_, name), top in zip(images, ranked)])

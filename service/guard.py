@@ -31,6 +31,7 @@ MULTIPART_SLACK = 64 << 10  # multipart boundaries, part headers and small form 
 # unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it
 # (seen as connections dropped without a response when bursts were shed). Larger bodies are not read.
 DRAIN_BYTES = 256 << 10  # read for up to the body timeout (a slow sender is a slow client: timed out)
+AUTHORIZED = "promptfolio.authorized"  # scope key: (key, tenant) the guard accepted for this request
 
 
 class APIError(Exception):
@@ -151,6 +152,8 @@ class RequestGuard:
         has_body = headers.get("content-length", "0") != "0" or "chunked" in headers.get("transfer-encoding", "")
         limit = body_limit(engine, access)
         refusal = self._refusal(engine, access, headers, limit)
+        if refusal is None and access.who == "tenant":  # the route need not read the key files again
+            scope[AUTHORIZED] = (presented_key(headers), access.tenant)
         gate = engine.admission if refusal is None and access.body == "classify" else None
         if gate is not None:
             arrived = scope.get("state", {}).get("promptfolio.arrived")  # stamped by service/connections.py

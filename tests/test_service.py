@@ -206,7 +206,8 @@ def test_concurrent_uploads_all_land(server, tenants, embedded_encoder):
 def test_metrics_and_probes(server, tenants):
     assert httpx.get(f"{server.url}/livez").status_code == 200
     text = httpx.get(f"{server.url}/metrics").text
-    assert 'promptfolio_tenant_requests_total{tenant="acme"}' in text
+    assert "promptfolio_classified_images_total" in text
+    assert 'tenant="acme"' not in text  # per-tenant series only with PROMPTFOLIO_TENANT_METRICS=true
     assert "promptfolio_feature_cache_total" in text
     info = httpx.get(f"{server.url}/v1/info").json()
     assert info["arch"] == "promptfolio-tiny" and info["weights"] == "embedded"
