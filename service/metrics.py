@@ -54,7 +54,16 @@ def configure(tenant_metrics: bool) -> None:
 
 def use_routes(prefix: str, routes: Iterable[Any]) -> None:
     """Label requests under `prefix` by these (Starlette/FastAPI) routes' templates."""
-    _routes[:] = [(prefix, r.path_regex, prefix + r.path) for r in routes if hasattr(r, "path_regex")]
+    _routes[:] = [(prefix, r.path_regex, prefix + r.path) for r in _flat(routes)]
+
+
+def _flat(routes: Iterable[Any]) -> Iterable[Any]:
+    """Routes with a path regex; FastAPI >= 0.138 keeps an included router as one lazy entry."""
+    for route in routes:
+        if hasattr(route, "path_regex"):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from _flat(route.original_router.routes)
 
 
 def route_template(path: str) -> str:
