@@ -2,13 +2,15 @@
 
 Replies carry only the global prompts (training/exchange.py) and num-examples; the local
 prompts stay in `context.state` (and in this client's own folder, for resume) and never leave.
-Any failure is re-raised as one line naming this client, which the server reports and stops on.
+Any failure is re-raised as one line naming this client, which the server records; the round
+goes on without it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,8 @@ from prompts_store.store import atomic_write
 from training import data as data_mod
 from training.config import TrainConfig
 from training.exchange import client_failure, pack_globals, unpack_globals
+from training.privacy import clipping_when_asked
+from training.secure import legacy_bridge, secure_when_asked
 from training.export import checksum, prompt_artifact
 from training.task import (THETA_PRIOR_KEY, ClientState, Features, decode_theta_priors, ensure_local, evaluate,
                            local_train)
@@ -120,16 +124,33 @@ def named_failures(handler: Callable[[Message, Context], Message]) -> Callable[[
     return wrapped
 
 
+class TestOnlyFailure(RuntimeError):
+    """Raised by the test-only failure switch (`test_fail_prob`), never in a real run."""
+
+
+def fail_for_tests(cfg: TrainConfig, round_no: int, partition: int) -> None:
+    """TEST ONLY: fail this round's training with probability cfg.test_fail_prob (seeded per
+    seed, round and client), before anything changes, as a crashed site would."""
+    if cfg.test_fail_prob and random.Random(f"{cfg.test_fail_seed}/{round_no}/{partition}").random() < cfg.test_fail_prob:
+        raise TestOnlyFailure(f"test-only failure switch (test_fail_prob={cfg.test_fail_prob:g}) in round {round_no}")
+
+
 def train_step(run: ClientRun, msg: Message) -> Message:
+    fail_for_tests(run.cfg, run.round, run.partition)
     globals_ = unpack_globals(msg.content["arrays"])
     updated, losses = local_train(run.encoder, run.prompts, run.features["train"], globals_, run.state,
                                   run.methods, run.cfg, seed=run.cfg.seed * 100_003 + run.round * 101 + run.partition)
     run.save_state()
-    arrays = pack_globals(updated)
+    arrays = pack_globals({k: updated[k] for k in globals_})  # the received order (fixedclipping_mod compares)
     metrics = {"num-examples": len(run.features["train"].y), "partition": run.partition,
                "bytes-received": msg.content["arrays"].count_bytes(), "bytes-sent": arrays.count_bytes(),
                **run.feature_timing}
     metrics.update({f"loss/{k}": v for k, v in losses.items()})
+    if run.cfg.audit:  # what this client contributed, on its own disk (the server may see only a masked sum)
+        (run.out_dir / "audit").mkdir(parents=True, exist_ok=True)
+        audit = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+        audit["num-examples"] = torch.tensor([float(metrics["num-examples"])])
+        atomic_write(run.out_dir / "audit" / f"round-{run.round:03d}-sent.safetensors", save(audit))
     return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -160,7 +181,8 @@ def make_client_app(cfg: TrainConfig | None = None) -> ClientApp:
     """cfg given: simulation (closure); None: read from the message (deployment engine)."""
     app = ClientApp()
 
-    @app.train()
+    # each mod acts only on the messages of its mode: SecAgg+ stages, a DP clipping norm, legacy FitIns
+    @app.train(mods=[secure_when_asked, clipping_when_asked, legacy_bridge])
     @named_failures
     def train(msg: Message, context: Context) -> Message:
         return train_step(ClientRun(msg, context, cfg), msg)

@@ -105,6 +105,23 @@ class TrainConfig(BaseModel):
     skip_bad_images: bool = False  # leave unreadable images out (counted) instead of refusing the folder
     seed: int = 0
     classes: list[str] | None = None  # deployment: the federation's class list (simulation: from the data)
+    # dropout, stragglers, secure aggregation, differential privacy (README "Training options")
+    min_train_nodes: int = Field(1, ge=1)  # replies a training round needs to aggregate
+    round_timeout: float = Field(600.0, gt=0)  # seconds the server waits for a round's replies
+    short_round: Literal["skip", "retry"] = "skip"  # a round with too few replies: keep the last global, or ask again
+    round_retries: int = Field(2, ge=0)  # short_round=retry: attempts before the run stops
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the clients' weighted prompts
+    secagg_clip_range: float = Field(1.0, gt=0)  # prompt values (times n/max weight) clipped to ±this, then quantised
+    secagg_quant_range: int = Field(2**22, ge=2**8, le=2**24)  # quantisation levels over [-clip, clip]
+    secagg_max_weight: float = Field(1000.0, gt=0)  # largest num-examples a client may carry
+    secagg_shares: float = Field(1.0, gt=0, le=1)  # share of the sampled clients each key is split among
+    secagg_threshold: float = Field(0.5, gt=0, le=1)  # share of those shares that reconstructs a dropped key
+    dp: Literal["off", "server", "client"] = "off"  # central DP, clipping the updates on the server or the clients
+    dp_clip_norm: float = Field(0.1, gt=0)  # L2 bound of one client's update to the global prompts per round
+    dp_noise: float = Field(1.0, gt=0)  # noise multiplier: Gaussian std = dp_noise * dp_clip_norm / sampled clients
+    dp_delta: float = Field(1e-5, gt=0, lt=1)  # δ at which ε is reported
+    test_fail_prob: float = Field(0.0, ge=0, lt=1)  # TEST ONLY: chance a client fails its training each round
+    test_fail_seed: int = 0  # TEST ONLY: seed of those failures
     # output
     out_dir: Path = Path("runs/latest")
     resume: bool = False
@@ -171,6 +188,14 @@ class TrainConfig(BaseModel):
             if self.n_ctx != len(self.ctx_init.split()):
                 raise ValueError(f"--n-ctx {self.n_ctx} needs --ctx-init random (or a phrase of {self.n_ctx} "
                                  f"tokens); the default init {self.ctx_init!r} has {len(self.ctx_init.split())}")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_options_combine(self) -> "TrainConfig":
+        if self.dp != "off" and self.secure_aggregation:
+            raise ValueError("--dp with --secure-aggregation is not supported: the DP wrapper needs the plain aggregate")
+        if (self.dp != "off" or self.secure_aggregation) and not any(m.trains_global for m in self.method_specs):
+            raise ValueError("--dp and --secure-aggregation need a method with a global prompt (promptfl, promptfolio…)")
         return self
 
     def to_json(self) -> str:

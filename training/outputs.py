@@ -45,9 +45,16 @@ def progress_line(record: dict, cfg: TrainConfig) -> str:
     return f"round {record['round']}/{cfg.rounds}  personal/general acc %: " + "  ".join(parts)
 
 
-def summarize(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> dict:
-    """metrics.json: the config, every round, the final means, and any client that failed."""
-    summary: dict = {"config": json.loads(cfg.to_json()), "rounds": history, "failed_clients": failures}
+def summarize(cfg: TrainConfig, history: list[dict], failures: list[dict], stopped: str | None = None,
+              privacy: dict | None = None) -> dict:
+    """metrics.json: the config, every round (who answered, privacy spent), the final means, every
+    client failure (the run goes on without the client), why the run stopped early if it did, and
+    the (ε, δ) spent over the run with --dp."""
+    summary: dict = {"config": json.loads(cfg.to_json()), "rounds": history, "failed_clients": failures,
+                     "stopped": stopped}
+    privacy = privacy or next((r["privacy"] for r in reversed(history) if "privacy" in r), None)
+    if privacy is not None:
+        summary["privacy"] = privacy
     if history:
         last = history[-1]["eval"]
         summary["final"] = {
@@ -59,9 +66,11 @@ def summarize(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> di
     return summary
 
 
-def write_metrics(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> None:
+def write_metrics(cfg: TrainConfig, history: list[dict], failures: list[dict], stopped: str | None = None,
+                  privacy: dict | None = None) -> None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg.out_dir / METRICS, json.dumps(summarize(cfg, history, failures), indent=1).encode())
+    atomic_write(cfg.out_dir / METRICS,
+                 json.dumps(summarize(cfg, history, failures, stopped, privacy), indent=1).encode())
 
 
 def write_checkpoint(cfg: TrainConfig, arrays: ArrayRecord, round_no: int, fingerprint: str) -> None:
