@@ -154,6 +154,20 @@ def test_central_dp_reports_privacy_spent_and_clips_each_update(tmp_path, embedd
     assert "privacy spent over the run: ε =" in r.stderr
 
 
+def test_a_round_that_stays_short_after_its_retries_stops_the_run_clearly(tmp_path):
+    assert failing(0, 1) == {0}  # the switch is seeded per round and client: client 0 fails every attempt
+    out = tmp_path / "retry"
+    r = train_cli(*BASE, "--rounds", "1", "--min-train-nodes", "4", "--short-round", "retry", "--round-retries", "1",
+                  "--test-fail-prob", "0.3", "--out", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "asking again (retry 1 of 1)" in r.stderr
+    assert "the run stopped: round 1: 3 of 4 sampled clients answered, fewer than --min-train-nodes 4, after 1 " \
+           "retries" in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rounds"] == [] and metrics["stopped"].startswith("round 1: 3 of 4")
+    assert [(f["round"], f["client"]) for f in metrics["failed_clients"]] == [(1, 0), (1, 0)]  # first try and retry
+
+
 def test_privacy_options_are_checked():
     with pytest.raises(ValueError, match="not supported"):
         TrainConfig(dp="server", secure_aggregation=True)

@@ -56,6 +56,7 @@ class PortfolioFedAvg(FedAvg):
         self.sampled: list[int] = []
         self.secure: SecureRound | None = None
         self.replies: list[Message] = []
+        self.evaluating = 0
         # per-client θ: the pooled validation curves of the last evaluation, sent with the next one
         self.theta_priors = pooled_theta_curves(history[-1]["eval"], tuple(cfg.theta_grid)) if history else {}
 
@@ -86,7 +87,9 @@ class PortfolioFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         if self.theta_priors:  # per-client θ: the federation's pooled validation curves from the last round
             config = ConfigRecord({**config, THETA_PRIOR_KEY: encode_theta_priors(self.theta_priors)})
-        return list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.evaluating = len(messages)
+        return messages
 
     def _answered(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
         """The replies without an error; each failure is recorded (and reported), not fatal."""
@@ -102,7 +105,7 @@ class PortfolioFedAvg(FedAvg):
     def _failed(self, server_round: int, stage: str, partition, cause: str, node: int | None = None) -> None:
         round_no = server_round + self.offset
         self.failures.append({"round": round_no, "stage": stage, "client": partition, "node": node, "error": cause})
-        who = f"client {partition}" if partition is not None else f"node {node}"
+        who = f"client {partition}" if partition is not None else (f"node {node}" if node is not None else "clients")
         outputs.report(f"round {round_no} ({stage}): {who} failed: {cause}; the round goes on without it")
 
     def _train_rows(self, server_round: int, replies: Iterable[Message]) -> list[dict]:
@@ -223,7 +226,11 @@ class PortfolioFedAvg(FedAvg):
                 for r in fresh))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
         ok = self._answered(server_round, replies, "evaluate")
+        if self.evaluating > len(replies):
+            self._failed(server_round, "evaluate", None, f"{self.evaluating - len(replies)} client(s) did not "
+                         f"answer within {self.cfg.round_timeout:g} s")
         rows = sorted((dict(r.content["metrics"]) for r in ok), key=lambda r: r["partition"])
         if rows:
             self.theta_priors = pooled_theta_curves(rows, tuple(self.cfg.theta_grid))
