@@ -95,10 +95,13 @@ def test_secure_aggregation_equals_fedavg_within_the_quantisation_error_and_hide
         contributions = {p: sent(out, p, n) for p in record["answered"]}
         for key in KEYS:
             errors.append(float((aggregate[key].double() - weighted_mean(list(contributions.values()), key)).abs().max()))
-        # each client's stochastic rounding errs by < one step 2·clip/Q on n/max_weight·p; the sum is divided by
-        # Σ n/max_weight (plus a little for the rounding of each n/max_weight itself)
-        total_ratio = sum(float(c["num-examples"]) for c in contributions.values()) / cfg.secagg_max_weight
-        bounds.append(1.1 * len(contributions) * 2 * cfg.secagg_clip_range / cfg.secagg_quant_range / total_ratio)
+        # each client's stochastic rounding errs by < one step 2·clip/Q on n/max_weight·p, and the sum is divided
+        # by Σ n/max_weight; rounding n/max_weight itself to a multiple of 1/Q perturbs the weights by a
+        # relative 0.5/(Q·n/max_weight), i.e. < 2·max|p| times that
+        ratios = [float(c["num-examples"]) / cfg.secagg_max_weight for c in contributions.values()]
+        step = 2 * cfg.secagg_clip_range / cfg.secagg_quant_range
+        spread = 2 * max(float(c[k].abs().max()) for c in contributions.values() for k in KEYS)
+        bounds.append(len(ratios) * step / sum(ratios) + spread * 0.5 / (cfg.secagg_quant_range * min(ratios)))
         received = load_file(str(out / "audit" / f"round-{n:03d}-received.safetensors"))
         assert not (out / "audit" / f"round-{n:03d}-replies.safetensors").exists()
         masked = [v for k, v in received.items() if "/masked/" in k]
@@ -171,7 +174,7 @@ def test_a_round_that_stays_short_after_its_retries_stops_the_run_clearly(tmp_pa
 def test_privacy_options_are_checked():
     with pytest.raises(ValueError, match="not supported"):
         TrainConfig(dp="server", secure_aggregation=True)
-    with pytest.raises(ValueError, match="need a method with a global prompt"):
+    with pytest.raises(ValueError, match="--dp client needs a method with a global prompt"):
         TrainConfig(methods=["local"], dp="client")
     with pytest.raises(ValueError):
         TrainConfig(short_round="wait")

@@ -195,7 +195,8 @@ class TrainConfig(BaseModel):
         if self.dp != "off" and self.secure_aggregation:
             raise ValueError("--dp with --secure-aggregation is not supported: the DP wrapper needs the plain aggregate")
         if (self.dp != "off" or self.secure_aggregation) and not any(m.trains_global for m in self.method_specs):
-            raise ValueError("--dp and --secure-aggregation need a method with a global prompt (promptfl, promptfolio…)")
+            option = "--secure-aggregation" if self.secure_aggregation else f"--dp {self.dp}"
+            raise ValueError(f"{option} needs a method with a global prompt (promptfl, promptfolio…)")
         return self
 
     def to_json(self) -> str:
