@@ -1,6 +1,6 @@
 """Privacy/utility benchmark: central DP on the global prompt (a script, not a test).
 
-    .venv/bin/python bench/privacy.py [--seeds 3] [--rounds 5] [--noise 0,0.5,1,2,4] [--dp client]
+    .venv/bin/python bench/privacy.py [--seeds 3] [--rounds 5] [--noise 0,1,4,16] [--dp client]
                                       [--clip-norm 0.1] [--out runs/bench-privacy]
 
 Embedded world, 10 clients; per noise multiplier σ (0 = no DP: plain num-examples-weighted
@@ -92,7 +92,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--images-per-class", type=int, default=20)
-    parser.add_argument("--noise", default="0,0.5,1,2,4", help="noise multipliers σ; 0 = no DP")
+    parser.add_argument("--noise", default="0,1,4,16", help="noise multipliers σ; 0 = no DP")
     parser.add_argument("--dp", choices=["client", "server"], default="client", help="where updates are clipped")
     parser.add_argument("--clip-norm", type=float, default=0.1)
     parser.add_argument("--methods", default=METHODS)
