@@ -43,7 +43,7 @@ class PortfolioFedAvg(FedAvg):
         self.failures: list[dict] = []
         self.expected = 0
         self.pending: dict = {}
-        self.featured: set[int] = set()
+        self.featured: set[str] = set()
         self.started = time.time()
         # per-client θ: the pooled validation curves of the last evaluation, sent with the next one
         self.theta_priors = pooled_theta_curves(history[-1]["eval"], tuple(cfg.theta_grid)) if history else {}
@@ -89,11 +89,11 @@ class PortfolioFedAvg(FedAvg):
             keys = set(r.content["arrays"].keys())
             if not keys <= self.allowed:  # a local prompt must never reach the server
                 raise RuntimeError(f"a client sent arrays {sorted(keys - self.allowed)} besides the global prompts")
-            row = dict(r.content["metrics"])
+            row = outputs.reply_row(r)
             rows.append(row)
             for k, v in r.content["arrays"].to_torch_state_dict().items():
-                audit[f"{int(row['partition'])}/{k}"] = v.contiguous()
-            audit[f"{int(row['partition'])}/num-examples"] = torch.tensor([float(row["num-examples"])])
+                audit[f"{outputs.client_name(row)}/{k}"] = v.contiguous()
+            audit[f"{outputs.client_name(row)}/num-examples"] = torch.tensor([float(row["num-examples"])])
         self._report_features(rows)
         arrays, metrics = super().aggregate_train(server_round, ok)
         self.current = arrays
@@ -104,22 +104,22 @@ class PortfolioFedAvg(FedAvg):
             save_file(audit, str(audit_dir / f"round-{round_no:03d}-replies.safetensors"))
             save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
                       str(audit_dir / f"round-{round_no:03d}-aggregate.safetensors"))
-        self.pending = {"round": round_no, "train": sorted(rows, key=lambda r: r["partition"]),
+        self.pending = {"round": round_no, "train": sorted(rows, key=outputs.row_order),
                         "aggregate-checksum": checksum(unpack_globals(arrays))}
         return arrays, metrics
 
     def _report_features(self, rows: list[dict]) -> None:
-        fresh = sorted((r for r in rows if "feature-seconds" in r and int(r["partition"]) not in self.featured),
-                       key=lambda r: r["partition"])
+        fresh = sorted((r for r in rows if "feature-seconds" in r and outputs.client_name(r) not in self.featured),
+                       key=outputs.row_order)
         if fresh:
-            self.featured |= {int(r["partition"]) for r in fresh}
+            self.featured |= {outputs.client_name(r) for r in fresh}
             outputs.report("image features: " + ", ".join(
-                f"client {int(r['partition'])} {int(r['feature-images'])} images in {r['feature-seconds']:.1f} s"
+                f"client {outputs.client_name(r)} {int(r['feature-images'])} images in {r['feature-seconds']:.1f} s"
                 for r in fresh))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         ok = self._successful(server_round, replies, "evaluate")
-        rows = sorted((dict(r.content["metrics"]) for r in ok), key=lambda r: r["partition"])
+        rows = sorted((outputs.reply_row(r) for r in ok), key=outputs.row_order)
         self.theta_priors = pooled_theta_curves(rows, tuple(self.cfg.theta_grid))
         record = dict(self.pending, eval=rows, seconds=round(time.time() - self.started, 2))
         self.history.append(record)
@@ -144,7 +144,8 @@ def run_server(grid: Grid, cfg: TrainConfig) -> list[dict]:
     strategy = PortfolioFedAvg(cfg, encoder.fingerprint, offset, history, fraction_train=cfg.fraction_train,
                                fraction_evaluate=1.0, min_train_nodes=n_train, min_evaluate_nodes=cfg.num_clients,
                                min_available_nodes=cfg.num_clients)
-    config = ConfigRecord({"train-config": cfg.to_json(), "classes": json.dumps(classes), "round-offset": offset})
+    # the clients read the train config from the run (deployment) or their closure (simulation)
+    config = ConfigRecord({"classes": json.dumps(classes), "round-offset": offset})
     if cfg.rounds > offset:
         try:
             result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - offset,
@@ -163,7 +164,10 @@ def make_server_app(cfg: TrainConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or TrainConfig.model_validate({k.replace("-", "_"): v for k, v in context.run_config.items()})
+        outputs.quiet_duplicate_log()
+        run_cfg = cfg or TrainConfig.from_run_config(context.run_config)
+        if cfg is None:  # the deployment engine: its log is the user's only record of the settings
+            outputs.report(f"train config: {json.dumps(run_cfg.model_dump(mode='json'), separators=(',', ':'))}")
         run_server(grid, run_cfg)
 
     return app
