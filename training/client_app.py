@@ -21,10 +21,10 @@ from flwr.clientapp import ClientApp
 from promptfolio.encoder import Encoder, load_encoder
 from promptfolio.prompts import ClassPrompts
 from training import data as data_mod
-from training.outputs import quiet_duplicate_log
 from training.config import TrainConfig
 from training.exchange import client_failure, pack_globals, unpack_globals
 from training.export import checksum, prompt_artifact
+from training.outputs import quiet_duplicate_log
 from training.site import SiteDisk, site_name, write_local_artifact
 from training.task import (THETA_PRIOR_KEY, ClientState, Features, decode_theta_priors, ensure_local, evaluate,
                            local_train)
