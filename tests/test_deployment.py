@@ -152,3 +152,43 @@ def test_site_state_resumes_in_the_same_run_or_with_resume_only(tmp_path):
     assert other.folder != disk.folder and other.restore(run_id=1, resume=True) is None  # another federation
     assert disk.restore(run_id=2, resume=False) is None
     assert not disk.folder.exists() and (disk.folder.parent / f"{disk.folder.name}.previous").is_dir()
+
+
+def test_each_log_line_once_and_no_stand_in_general_score():
+    """open_clip logs through the root logger, which then gets a console handler of its own (the
+    implicit basicConfig), and every Flower line reached the terminal twice: through Flower's own
+    console handler and again through the root's. A site without a shared test set has no general
+    score (null), not a copy of its personal one."""
+    import logging
+
+    from flwr.common.logger import ConsoleHandler, log
+
+    from training.outputs import progress_line, quiet_duplicate_log, summarize
+
+    class Seen(logging.Handler):  # stands for the root console handler open_clip's logging.info() installs
+        lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    root_console = Seen()
+    logging.root.addHandler(root_console)
+    flower = logging.getLogger("flwr")
+    propagate = flower.propagate
+    try:
+        flower.propagate = True
+        log(logging.INFO, "marker-before")
+        quiet_duplicate_log()
+        log(logging.INFO, "marker-after")
+    finally:
+        logging.root.removeHandler(root_console)
+        flower.propagate = propagate
+    assert "marker-before" in Seen.lines and "marker-after" not in Seen.lines
+    assert sum(isinstance(h, ConsoleHandler) for h in flower.handlers) == 1  # Flower's own: once
+
+    rows = [{"partition": -1, "site": s, "personal/promptfolio-auto": p, "theta/promptfolio-auto": 0.5}
+            for s, p in (("site-a", 60.0), ("site-b", 50.0))]
+    cfg = TrainConfig(rounds=2)
+    final = summarize(cfg, [{"round": 2, "eval": rows}], [])["final"]["promptfolio-auto"]
+    assert final["personal_mean"] == 55.0 and final["general_mean"] is None
+    assert progress_line({"round": 2, "eval": rows}, cfg) == "round 2/2  personal acc %: promptfolio-auto 55.0"
