@@ -202,16 +202,11 @@ def run_config_value(value: object) -> str | int | float | bool:
     return value
 
 
-def run_config_defaults(overrides: Mapping[str, object] | None = None) -> dict[str, str | int | float | bool]:
+def run_config_defaults() -> dict[str, str | int | float | bool]:
     """Every TrainConfig field as a run-config key with its default (what pyproject.toml's
-    `[tool.flwr.app.config]` must hold: Flower refuses to override a key that is not listed).
-    `overrides`: the deployment's own defaults (field names), e.g. its class list."""
-    out = {}
-    for name, field in TrainConfig.model_fields.items():
-        value = (overrides or {}).get(name, field.get_default(call_default_factory=True))
-        out[name.replace("_", "-")] = run_config_value(value)
-    return out
-
+    `[tool.flwr.app.config]` must hold: Flower refuses to override a key that is not listed)."""
+    return {name.replace("_", "-"): run_config_value(field.get_default(call_default_factory=True))
+            for name, field in TrainConfig.model_fields.items()}
 
 
 # The official PromptFolio recipe where our defaults depart from it (README lists each reason).

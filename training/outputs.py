@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import ConsoleHandler, log
 from safetensors import safe_open
 from safetensors.torch import load_file, save
