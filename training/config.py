@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from promptfolio.encoder import parse_pretrained
 from promptfolio.portfolio import DEFAULT_THETA, THETA_GRID, check_theta
@@ -189,6 +189,13 @@ class TrainConfig(BaseModel):
         if fields.get("clip_norm") == 0:  # as on the CLI: 0 disables clipping
             fields["clip_norm"] = None
         return cls.model_validate(fields)
+
+
+def invalid_config_message(error: ValidationError) -> str:
+    """One line naming every bad setting, for the CLI and the ServerApp's log."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
+                         f"{err['msg'].removeprefix('Value error, ')}" for err in error.errors())
+    return f"invalid training configuration: {problems}"
 
 
 def run_config_value(value: object) -> str | int | float | bool:

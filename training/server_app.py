@@ -16,11 +16,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from promptfolio.encoder import load_encoder
 from training import outputs
-from training.config import TrainConfig
+from training.config import TrainConfig, invalid_config_message
 from training.data import DataPlan
 from training.exchange import allowed_keys, failure_of, pack_globals, unpack_globals
 from training.export import checksum
@@ -165,7 +166,11 @@ def make_server_app(cfg: TrainConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         outputs.quiet_duplicate_log()
-        run_cfg = cfg or TrainConfig.from_run_config(context.run_config)
+        try:
+            run_cfg = cfg or TrainConfig.from_run_config(context.run_config)
+        except ValidationError as e:  # a bad --run-config: one line in the run's log, not a traceback
+            outputs.report(f"run stopped: {invalid_config_message(e)}")
+            return
         if cfg is None:  # the deployment engine: its log is the user's only record of the settings
             outputs.report(f"train config: {json.dumps(run_cfg.model_dump(mode='json'), separators=(',', ':'))}")
         run_server(grid, run_cfg)
