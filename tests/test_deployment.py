@@ -150,6 +150,7 @@ def test_site_state_resumes_in_the_same_run_or_with_resume_only(tmp_path):
     assert disk.restore(run_id=2, resume=True).round == 3  # a later run that resumes
     other = SiteDisk(tmp_path, "clinic-a", TrainConfig(classes=["a", "b"], n_ctx=8, ctx_init=None), ["a", "b"])
     assert other.folder != disk.folder and other.restore(run_id=1, resume=True) is None  # another federation
+    assert SiteDisk(tmp_path, "clinic-b", cfg, cfg.classes).restore(run_id=1, resume=True) is None  # another site
     assert disk.restore(run_id=2, resume=False) is None
     assert not disk.folder.exists() and (disk.folder.parent / f"{disk.folder.name}.previous").is_dir()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -61,11 +62,13 @@ class SavedState:
 
 
 class SiteDisk:
-    """One site's state folder for one federation: `<site folder>/state/<federation key>/`."""
+    """One site's state folder for one federation: `<site folder>/state/<site>-<federation key>/`
+    (the site's name in it too, so two sites given one folder by mistake never share state)."""
 
     def __init__(self, out_dir: Path, site: str, cfg: TrainConfig, classes: list[str]):
         self.site = site
-        self.folder = Path(out_dir) / "state" / federation_key(cfg, classes)
+        safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", site)[:64]
+        self.folder = Path(out_dir) / "state" / f"{safe_name}-{federation_key(cfg, classes)}"
 
     def load(self) -> SavedState | None:
         progress = self.folder / PROGRESS_FILE
