@@ -52,7 +52,7 @@ TEST_FLAGS = {"test-fail-prob": ("test_fail_prob", float), "test-fail-seed": ("t
 def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from training.config import OFFICIAL_RECIPE, TrainConfig
+    from training.config import OFFICIAL_RECIPE, TrainConfig, invalid_config_message
     from training.simulation import main_simulation
 
     fields = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
@@ -67,9 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.model_validate(fields)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
-                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
-        raise ValueError(f"invalid training configuration: {problems}") from None
+        raise ValueError(invalid_config_message(e)) from None
     return main_simulation(cfg, sys.argv[1:], args.network)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from promptfolio.encoder import parse_pretrained
 from promptfolio.portfolio import DEFAULT_THETA, THETA_GRID, check_theta
@@ -201,6 +201,45 @@ class TrainConfig(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> "TrainConfig":
+        """Flower's run config (`[tool.flwr.app.config]` plus `flwr run --run-config`): keys with '-'
+        for '_', lists comma-separated, and "" for an unset value (TOML has no null)."""
+        fields = {key.replace("-", "_"): value for key, value in run_config.items()}
+        for name, field in cls.model_fields.items():
+            if fields.get(name) == "" and type(None) in get_args(field.annotation):
+                fields[name] = None
+        if fields.get("ctx_init") == cls.model_fields["ctx_init"].default:
+            del fields["ctx_init"]  # the default phrase, unless asked for: an explicit n-ctx gets a clear error
+        if fields.get("clip_norm") == 0:  # as on the CLI: 0 disables clipping
+            fields["clip_norm"] = None
+        return cls.model_validate(fields)
+
+
+def invalid_config_message(error: ValidationError) -> str:
+    """One line naming every bad setting, for the CLI and the ServerApp's log."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
+                         f"{err['msg'].removeprefix('Value error, ')}" for err in error.errors())
+    return f"invalid training configuration: {problems}"
+
+
+def run_config_value(value: object) -> str | int | float | bool:
+    """One TrainConfig value as Flower's flat run config writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run_config_defaults() -> dict[str, str | int | float | bool]:
+    """Every TrainConfig field as a run-config key with its default (what pyproject.toml's
+    `[tool.flwr.app.config]` must hold: Flower refuses to override a key that is not listed)."""
+    return {name.replace("_", "-"): run_config_value(field.get_default(call_default_factory=True))
+            for name, field in TrainConfig.model_fields.items()}
 
 
 # The official PromptFolio recipe where our defaults depart from it (README lists each reason).

@@ -12,8 +12,9 @@ n / max_weight, clips to ±clip_range, quantises to `quant_range` levels and upl
 is num-examples-weighted FedAvg. Neither one client's prompt nor its n is visible to the server.
 
 Clients: `secaggplus_mod` runs only when a message carries SecAgg+ stages, and `legacy_bridge`
-turns the workflow's FitIns/FitRes records into our {"arrays", "config"} messages and back, so
-one ClientApp serves both modes (the deployment engine cannot know the mode when it starts).
+turns the workflow's FitIns/FitRes records into our {"arrays", "config"} messages and back (the
+reply's `site` record rides in the FitRes metrics, so secure rows name their site too), so one
+ClientApp serves both modes (the deployment engine cannot know the mode when it starts).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def legacy_bridge(msg: Message, context: Context, call_next: ClientAppCallable) 
         return reply
     sent = reply.content["arrays"]
     metrics: MetricRecord = reply.content["metrics"]
+    site = reply.content.config_records.get("site", {})  # the site's name travels in the FitRes metrics
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([sent[k].numpy() for k in keys]),
-                    int(metrics["num-examples"]), dict(metrics))
+                    int(metrics["num-examples"]), {**dict(metrics), **dict(site)})
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 

@@ -2,7 +2,8 @@
 
 Each round it checks that replies carry nothing but global prompts, aggregates over the clients
 that answered (a failed, hung or disconnected client is recorded and the round goes on without
-it), records who answered and per-client metrics, and checkpoints (outputs.py), so an
+it), records who answered (partition numbers in a simulation, site names on the deployment
+engine) and per-client metrics, and checkpoints (outputs.py), so an
 interrupted run resumes from the last completed round; at the end it writes one global prompt
 artifact per method from the arrays the strategy returns.
 """
@@ -17,11 +18,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from promptfolio.encoder import load_encoder
 from training import outputs
-from training.config import TrainConfig
+from training.config import TrainConfig, invalid_config_message
 from training.data import DataPlan
 from training.exchange import allowed_keys, failure_of, pack_globals, unpack_globals
 from training.export import checksum
@@ -48,7 +50,7 @@ class PortfolioFedAvg(FedAvg):
         self.current: ArrayRecord | None = None
         self.failures: list[dict] = []
         self.pending: dict = {}
-        self.featured: set[int] = set()
+        self.featured: set[str] = set()
         self.started = time.time()
         self.dp = dp_wrapper(cfg, n_train, **kw) if cfg.dp != "off" else None
         self.ledger = PrivacyLedger(cfg) if self.dp else None
@@ -96,16 +98,19 @@ class PortfolioFedAvg(FedAvg):
         ok = []
         for r in replies:
             if r.has_error():
-                partition, cause = failure_of(r.error.reason)
-                self._failed(server_round, stage, partition, cause, r.metadata.src_node_id)
+                client, cause = failure_of(r.error.reason)
+                self._failed(server_round, stage, client, cause, r.metadata.src_node_id)
             else:
                 ok.append(r)
         return ok
 
-    def _failed(self, server_round: int, stage: str, partition, cause: str, node: int | None = None) -> None:
+    def _failed(self, server_round: int, stage: str, client: int | str | None, cause: str,
+                node: int | None = None) -> None:
+        """Record a failed client (its partition in a simulation, its site name on the deployment
+        engine; None when unknown, e.g. one that never answered); the run goes on without it."""
         round_no = server_round + self.offset
-        self.failures.append({"round": round_no, "stage": stage, "client": partition, "node": node, "error": cause})
-        who = f"client {partition}" if partition is not None else (f"node {node}" if node is not None else "clients")
+        self.failures.append({"round": round_no, "stage": stage, "client": client, "node": node, "error": cause})
+        who = f"client {client}" if client is not None else (f"node {node}" if node is not None else "clients")
         outputs.report(f"round {round_no} ({stage}): {who} failed: {cause}; the round goes on without it")
 
     def _train_rows(self, server_round: int, replies: Iterable[Message]) -> list[dict]:
@@ -124,7 +129,7 @@ class PortfolioFedAvg(FedAvg):
         if missing > 0:
             self._failed(server_round, "train", None, f"{missing} client(s) did not answer within "
                          f"{self.cfg.round_timeout:g} s")
-        return [dict(r.content["metrics"], node=r.metadata.src_node_id) for r in ok]
+        return [dict(outputs.reply_row(r), node=r.metadata.src_node_id) for r in ok]
 
     def _retry(self, server_round: int) -> Iterable[Message]:
         _, arrays, config, grid = self.attempt
@@ -173,10 +178,10 @@ class PortfolioFedAvg(FedAvg):
                 raise RuntimeError(f"a client sent arrays {sorted(keys - self.allowed)} besides the global prompts")
         audit = {}
         for r in self.replies:
-            partition = int(r.content["metrics"]["partition"])
+            row = outputs.reply_row(r)
             for k, v in r.content["arrays"].to_torch_state_dict().items():
-                audit[f"{partition}/{k}"] = v.contiguous()
-            audit[f"{partition}/num-examples"] = torch.tensor([float(r.content["metrics"]["num-examples"])])
+                audit[f"{outputs.client_name(row)}/{k}"] = v.contiguous()
+            audit[f"{outputs.client_name(row)}/num-examples"] = torch.tensor([float(row["num-examples"])])
         if self.dp is None:
             arrays, metrics = super().aggregate_train(server_round, self.replies)
         else:
@@ -201,9 +206,9 @@ class PortfolioFedAvg(FedAvg):
                   str(audit_dir / f"round-{round_no:03d}-aggregate.safetensors"))
 
     def _record(self, round_no: int, rows: list[dict], skipped: bool, aggregate: ArrayRecord | None = None) -> dict:
-        rows = sorted(rows, key=lambda r: r["partition"])
+        rows = sorted(rows, key=outputs.row_order)
         record = {"round": round_no, "train": rows, "sampled": len(self.sampled), "sampled_nodes": sorted(self.sampled),
-                  "answered": [int(r["partition"]) for r in rows],
+                  "answered": [outputs.client_id(r) for r in rows],
                   "answered_nodes": sorted(int(r["node"]) for r in rows if "node" in r), "skipped": skipped,
                   "aggregation": "secagg+" if self.cfg.secure_aggregation else
                   (f"dp-{self.cfg.dp}" if self.dp else "fedavg")}
@@ -217,12 +222,12 @@ class PortfolioFedAvg(FedAvg):
         return record
 
     def _report_features(self, rows: list[dict]) -> None:
-        fresh = sorted((r for r in rows if "feature-seconds" in r and int(r["partition"]) not in self.featured),
-                       key=lambda r: r["partition"])
+        fresh = sorted((r for r in rows if "feature-seconds" in r and outputs.client_name(r) not in self.featured),
+                       key=outputs.row_order)
         if fresh:
-            self.featured |= {int(r["partition"]) for r in fresh}
+            self.featured |= {outputs.client_name(r) for r in fresh}
             outputs.report("image features: " + ", ".join(
-                f"client {int(r['partition'])} {int(r['feature-images'])} images in {r['feature-seconds']:.1f} s"
+                f"client {outputs.client_name(r)} {int(r['feature-images'])} images in {r['feature-seconds']:.1f} s"
                 for r in fresh))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
@@ -231,7 +236,7 @@ class PortfolioFedAvg(FedAvg):
         if self.evaluating > len(replies):
             self._failed(server_round, "evaluate", None, f"{self.evaluating - len(replies)} client(s) did not "
                          f"answer within {self.cfg.round_timeout:g} s")
-        rows = sorted((dict(r.content["metrics"]) for r in ok), key=lambda r: r["partition"])
+        rows = sorted((outputs.reply_row(r) for r in ok), key=outputs.row_order)
         if rows:
             self.theta_priors = pooled_theta_curves(rows, tuple(self.cfg.theta_grid))
         record = dict(self.pending, eval=rows, seconds=round(time.time() - self.started, 2))
@@ -258,7 +263,8 @@ def run_server(grid: Grid, cfg: TrainConfig) -> list[dict]:
     strategy = PortfolioFedAvg(cfg, encoder.fingerprint, offset, history, n_train, fraction_train=cfg.fraction_train,
                                fraction_evaluate=1.0, min_train_nodes=n_train, min_evaluate_nodes=cfg.num_clients,
                                min_available_nodes=cfg.num_clients)
-    config = ConfigRecord({"train-config": cfg.to_json(), "classes": json.dumps(classes), "round-offset": offset})
+    # the clients read the train config from the run (deployment) or their closure (simulation)
+    config = ConfigRecord({"classes": json.dumps(classes), "round-offset": offset})
     if cfg.rounds > offset:
         try:
             result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - offset,
@@ -283,7 +289,14 @@ def make_server_app(cfg: TrainConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or TrainConfig.model_validate({k.replace("-", "_"): v for k, v in context.run_config.items()})
+        outputs.quiet_duplicate_log()
+        try:
+            run_cfg = cfg or TrainConfig.from_run_config(context.run_config)
+        except ValidationError as e:  # a bad --run-config: one line in the run's log, not a traceback
+            outputs.report(f"run stopped: {invalid_config_message(e)}")
+            return
+        if cfg is None:  # the deployment engine: its log is the user's only record of the settings
+            outputs.report(f"train config: {json.dumps(run_cfg.model_dump(mode='json'), separators=(',', ':'))}")
         run_server(grid, run_cfg)
 
     return app
