@@ -4,13 +4,15 @@
 #     (--enable-supernode-auth: only SuperNodes whose public key was registered may connect),
 #   - two registered SuperNodes (site-a, site-b), each with its own images, name and folder,
 #   - one unregistered SuperNode, which must be refused,
-#   - a 2-round run of the embedded world with `flwr run`; site-b is killed during round 2 and
-#     restarted, and must resume its local prompt from its own disk.
+#   - a 3-round run of the embedded world with `flwr run` and the dropout options: site-b is killed as
+#     round 2 starts, the round goes on with site-a within the round timeout, and site-b, restarted,
+#     must resume its local prompt from its own disk and train again (round 3, else a resumed round 4).
 # Every process it starts is stopped when it ends (also on error or Ctrl-C). Logs and outputs stay
 # in WORKDIR (default: a new folder under /tmp).
 #
 #   scripts/federation-local.sh [WORKDIR]        environment: PF_FED_PORT (SuperLink port, default 19393;
-#                                                 SuperNodes use the next three)
+#                                                 SuperNodes use the next three), PF_FED_ROUND_TIMEOUT
+#                                                 (the run's round-timeout in seconds, default 120)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -128,36 +130,52 @@ for site in site-a site-b; do
 done
 say "site-a and site-b connected: $(grep -ho 'SuperNode ID: [0-9]*' "$work/site-a.log" "$work/site-b.log" | tr '\n' ' ')"
 
-# 7. a 2-round run; site-b is killed as round 2 starts and restarted
-run_config="rounds=2 local-epochs=2 num-clients=2 methods=\"promptfolio-auto\" out-dir=\"$work/server\""
-if "$python" -c "import sys; from training.config import TrainConfig; sys.exit('min_train_nodes' not in TrainConfig.model_fields)"; then
-    run_config+=" min-train-nodes=1"  # with the dropout options: the round goes on without the killed site
-fi
+# 7. a 3-round run with the dropout options (min-train-nodes=1, a short round-timeout): site-b is killed
+#    as round 2 starts; round 2 must finish with site-a alone within the timeout; site-b is restarted as
+#    soon as the server has given up on it and must resume its local prompt from its own disk in a later
+#    round of the same run (or, if Flower does not sample it again in time, in a resumed 4th round)
+timeout_s="${PF_FED_ROUND_TIMEOUT:-120}"
+run_config="rounds=3 local-epochs=1 num-clients=2 methods=\"promptfolio-auto\" out-dir=\"$work/server\""
+run_config+=" min-train-nodes=1 round-timeout=$timeout_s"
 start run flwr run . local-tls --stream --run-config "$run_config"
-wait_for_line "$work/run.log" "round 2/2: training" 900 || fail "round 2 never started (see $work/run.log)"
+wait_for_line "$work/run.log" "round 2/3: training" 900 || fail "round 2 never started (see $work/run.log)"
 stop_group "$pid_site_b"
-say "round 1 done ($(grep -o 'round 1/2  personal[^$]*' "$work/run.log" | head -1)); killed site-b as round 2 starts"
-sleep 2
+killed=$(date +%s)
+say "round 1 done ($(grep -o 'round 1/3  personal[^$]*' "$work/run.log" | head -1)); killed site-b as round 2 starts" \
+    "(min-train-nodes=1, round-timeout=${timeout_s}s)"
+wait_for_line "$work/run.log" "round 2 (train): .*failed" $(( timeout_s + 60 )) \
+    || fail "the server never gave up on site-b in round 2 (see $work/run.log)"
+say "  +$(( $(date +%s) - killed ))s the server gave up on site-b: $(grep -o 'round 2 (train): .*failed: .\{0,90\}' \
+    "$work/run.log" | head -1)"
 mv "$work/site-b.log" "$work/site-b.before-restart.log"
 supernode site-b $((port + 2))
 wait_for_line "$work/site-b.log" "SuperNode ID:" 120 || fail "site-b did not reconnect (see $work/site-b.log)"
-say "site-b restarted: $(grep -o 'SuperNode ID: [0-9]*' "$work/site-b.log")"
+say "  +$(( $(date +%s) - killed ))s site-b restarted: $(grep -o 'SuperNode ID: [0-9]*' "$work/site-b.log")"
+wait_for_line "$work/run.log" "round 2/3  personal" $(( 2 * timeout_s + 60 )) \
+    || fail "round 2 did not finish without site-b (see $work/run.log)"
+say "  +$(( $(date +%s) - killed ))s round 2 finished: $(grep -o 'round 2/3  personal[^$]*' "$work/run.log" | head -1)"
 wait "$pid_run" || true
 run_id="$(grep -o 'started run [0-9]*' "$work/run.log" | grep -o '[0-9]*$' || true)"
 rounds_done() { "$python" -c "import json,sys; print(len(json.load(open(sys.argv[1]))['rounds']))" "$work/server/metrics.json" 2>/dev/null || echo 0; }
-if [[ "$(rounds_done)" != 2 ]]; then
-    # without a dropout option the run stops when a site fails a round; it then resumes after the last
-    # completed round, and every site picks its local state up again from its own disk
-    say "run $run_id stopped after $(rounds_done) round(s): $(grep -o 'stopped: .*' "$work/run.log" | head -1 | cut -c1-160)"
-    start run2 flwr run . local-tls --stream --run-config "$run_config resume=true"
+[[ "$(rounds_done)" == 3 ]] || fail "the run did not finish 3 rounds (see $work/run.log)"
+say "  +$(( $(date +%s) - killed ))s run $run_id finished: $(grep -o 'round 3/3  personal[^$]*' "$work/run.log" | tail -1)"
+trained_in() {  # trained_in ROUND SITE: did SITE's update reach round ROUND's aggregate?
+    "$python" -c "import json,sys; r=json.load(open(sys.argv[1]))['rounds'][int(sys.argv[2])-1]
+sys.exit(sys.argv[3] not in r['answered'])" "$work/server/metrics.json" "$1" "$2"
+}
+last_round=3
+if ! trained_in 3 site-b; then
+    # Flower samples the nodes connected when a round starts: site-b came back too late for round 3
+    say "site-b was not sampled again in round 3; a resumed run adds round 4"
+    start run2 flwr run . local-tls --stream --run-config "${run_config/rounds=3/rounds=4} resume=true"
     wait "$pid_run2" || true
-    run_id="$run_id, then $(grep -o 'started run [0-9]*' "$work/run2.log" | grep -o '[0-9]*$' || true) (resume=true)"
     cat "$work/run2.log" >> "$work/run.log"
+    last_round=4
+    [[ "$(rounds_done)" == 4 ]] || fail "the resumed run did not finish round 4 (see $work/run2.log)"
 fi
-[[ "$(rounds_done)" == 2 ]] || fail "the federation did not finish 2 rounds (see $work/run.log)"
+trained_in "$last_round" site-b || fail "site-b did not train again after its restart (see $work/run.log)"
 
 # 8. what happened
-say "run $run_id finished: $(grep -o 'round 2/2  personal[^$]*' "$work/run.log" | tail -1)"
 grep -ho "site site-b: resumed its local state[^(]*([0-9]* trained)" "$work"/site-b*.log | head -1 | sed 's/^/        /' \
     || fail "site-b did not resume its local state (see $work/site-b.log)"
 "$python" - "$work" <<'EOF'
@@ -166,6 +184,11 @@ from pathlib import Path
 from prompts_store.artifact import read_artifact
 work = Path(sys.argv[1])
 metrics = json.loads((work / "server" / "metrics.json").read_text())
+for record in metrics["rounds"]:
+    print(f"        round {record['round']}: sampled {record['sampled']}, answered {', '.join(record['answered'])}"
+          f"{' (skipped)' if record['skipped'] else ''}")
+for f in metrics["failed_clients"]:
+    print(f"        failed: round {f['round']} ({f['stage']}) client {f['client']} node {f['node']}: {f['error'][:90]}")
 last = metrics["rounds"][-1]
 print("        metrics.json rows of the last round:",
       ", ".join(f"{r['site']} personal {r['personal/promptfolio-auto']:.1f}% general "
@@ -177,4 +200,5 @@ for site in ("site-a", "site-b"):
     print(f"        {site}: local artifact tenant {meta.tenant!r}, θ {meta.theta}, state after round "
           f"{progress['round']} ({progress['trained_rounds']} trained)")
 EOF
-say "OK: TLS + node authentication, unregistered node refused, 2 rounds, site-b resumed after its restart"
+say "OK: TLS + node authentication, unregistered node refused, round 2 went on without the killed site-b," \
+    "which resumed its local prompt and trained again in round $last_round"

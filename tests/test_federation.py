@@ -50,6 +50,7 @@ def test_dropouts_aggregate_over_exactly_the_replies_and_short_rounds_are_skippe
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped"] is None and [x["round"] for x in metrics["rounds"]] == [1, 2, 3]
     failed = {(f["round"], f["client"]) for f in metrics["failed_clients"]}
+    assert all(f["node"] is not None for f in metrics["failed_clients"])
     assert failed == {(1, 3), (2, 0), (2, 3)}
     previous = None
     for record in metrics["rounds"]:
@@ -91,6 +92,8 @@ def test_secure_aggregation_equals_fedavg_within_the_quantisation_error_and_hide
     for record in metrics["rounds"]:
         n = record["round"]
         assert record["aggregation"] == "secagg+" and not record["skipped"] and record["answered"] == [1, 2, 3]
+        # the reply's `site` record reaches the server through the SecAgg+ bridge (FitRes metrics)
+        assert [row["site"] for row in record["train"]] == ["client-1", "client-2", "client-3"]
         aggregate = load_file(str(out / "audit" / f"round-{n:03d}-aggregate.safetensors"))
         contributions = {p: sent(out, p, n) for p in record["answered"]}
         for key in KEYS:
@@ -138,6 +141,7 @@ def test_central_dp_reports_privacy_spent_and_clips_each_update(tmp_path, embedd
     for record in metrics["rounds"]:
         n, k = record["round"], len(record["answered"])
         assert k == N - len(failing(0, n)) and record["aggregation"] == "dp-client"
+        assert all(row["site"] == f"client-{row['partition']}" for row in record["train"])  # fixedclipping_mod kept it
         accountant.compose(dp_event.GaussianDpEvent(1.5 * k / N))
         assert record["privacy"]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
         assert record["privacy"]["delta"] == 1e-5 and record["privacy"]["releases"] == n

@@ -59,6 +59,7 @@ class PortfolioFedAvg(FedAvg):
         self.secure: SecureRound | None = None
         self.replies: list[Message] = []
         self.evaluating = 0
+        self.node_clients: dict[int, int | str] = {}  # node id -> the client it answered as (to name its failures)
         # per-client θ: the pooled validation curves of the last evaluation, sent with the next one
         self.theta_priors = pooled_theta_curves(history[-1]["eval"], tuple(cfg.theta_grid)) if history else {}
 
@@ -109,6 +110,8 @@ class PortfolioFedAvg(FedAvg):
         """Record a failed client (its partition in a simulation, its site name on the deployment
         engine; None when unknown, e.g. one that never answered); the run goes on without it."""
         round_no = server_round + self.offset
+        if client is None and node is not None:  # e.g. a SuperNode that went away: named by its earlier replies
+            client = self.node_clients.get(node)
         self.failures.append({"round": round_no, "stage": stage, "client": client, "node": node, "error": cause})
         who = f"client {client}" if client is not None else (f"node {node}" if node is not None else "clients")
         outputs.report(f"round {round_no} ({stage}): {who} failed: {cause}; the round goes on without it")
@@ -205,8 +208,12 @@ class PortfolioFedAvg(FedAvg):
         save_file({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()},
                   str(audit_dir / f"round-{round_no:03d}-aggregate.safetensors"))
 
+    def _remember(self, rows: list[dict]) -> None:
+        self.node_clients.update({int(r["node"]): outputs.client_id(r) for r in rows if "node" in r})
+
     def _record(self, round_no: int, rows: list[dict], skipped: bool, aggregate: ArrayRecord | None = None) -> dict:
         rows = sorted(rows, key=outputs.row_order)
+        self._remember(rows)
         record = {"round": round_no, "train": rows, "sampled": len(self.sampled), "sampled_nodes": sorted(self.sampled),
                   "answered": [outputs.client_id(r) for r in rows],
                   "answered_nodes": sorted(int(r["node"]) for r in rows if "node" in r), "skipped": skipped,
@@ -236,7 +243,8 @@ class PortfolioFedAvg(FedAvg):
         if self.evaluating > len(replies):
             self._failed(server_round, "evaluate", None, f"{self.evaluating - len(replies)} client(s) did not "
                          f"answer within {self.cfg.round_timeout:g} s")
-        rows = sorted((outputs.reply_row(r) for r in ok), key=outputs.row_order)
+        rows = sorted((dict(outputs.reply_row(r), node=r.metadata.src_node_id) for r in ok), key=outputs.row_order)
+        self._remember(rows)
         if rows:
             self.theta_priors = pooled_theta_curves(rows, tuple(self.cfg.theta_grid))
         record = dict(self.pending, eval=rows, seconds=round(time.time() - self.started, 2))
