@@ -188,7 +188,8 @@ for record in metrics["rounds"]:
     print(f"        round {record['round']}: sampled {record['sampled']}, answered {', '.join(record['answered'])}"
           f"{' (skipped)' if record['skipped'] else ''}")
 for f in metrics["failed_clients"]:
-    print(f"        failed: round {f['round']} ({f['stage']}) client {f['client']} node {f['node']}: {f['error'][:90]}")
+    print(f"        failed: round {f['round']} ({f['stage']}) client {f['client'] or '?'} (node {f['node']}): "
+          f"{f['error'][:70]}")
 last = metrics["rounds"][-1]
 print("        metrics.json rows of the last round:",
       ", ".join(f"{r['site']} personal {r['personal/promptfolio-auto']:.1f}% general "

@@ -200,3 +200,23 @@ def test_each_log_line_once_and_no_stand_in_general_score():
     final = summarize(cfg, [{"round": 2, "eval": rows}], [])["final"]["promptfolio-auto"]
     assert final["personal_mean"] == 55.0 and final["general_mean"] is None
     assert progress_line({"round": 2, "eval": rows}, cfg) == "round 2/2  personal acc %: promptfolio-auto 55.0"
+
+
+def test_a_vanished_supernode_is_named_by_its_site_not_the_superlink():
+    """A killed SuperNode's reply is an error the SuperLink writes itself (src: the SuperLink's own
+    id); the failure is recorded for the node the instruction went to, named as it last answered."""
+    from flwr.app import Error
+    from flwr.app.message.message import make_message
+
+    from training.server_app import PortfolioFedAvg
+
+    strategy = PortfolioFedAvg(TrainConfig(classes=["a", "b"]), "fingerprint", 0, [], 1)
+    sent = message("train", 2, {}, TrainConfig(classes=["a", "b"]))
+    strategy._remember([{"partition": -1, "site": "clinic-a", "node": 7}])
+    strategy.outgoing = [sent]
+    meta = Metadata(run_id=11, message_id="", src_node_id=1, dst_node_id=1, reply_to_message_id=sent.metadata.message_id,
+                    group_id="2", created_at=time.time(), ttl=3600, message_type="train")  # as the SuperLink writes it
+    reply = make_message(meta, error=Error(code=5, reason="Error: Node Unavailable"))
+    assert strategy._answered(2, [reply], "train") == []
+    assert strategy.failures == [{"round": 2, "stage": "train", "client": "clinic-a", "node": 7,
+                                  "error": "Error: Node Unavailable"}]

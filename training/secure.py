@@ -92,9 +92,13 @@ class _RecordingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.replies.extend(r for r in replies if not r.has_error())
-        self.errors.extend((r.metadata.src_node_id, r.error.reason) for r in replies if r.has_error())
+        # an error the SuperLink wrote itself carries its own id: name the addressee instead
+        nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        self.errors.extend((nodes.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r.error.reason)
+                           for r in replies if r.has_error())
         return replies
 
 

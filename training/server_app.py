@@ -32,6 +32,13 @@ from training.secure import SecureRound, save_received, secure_train_round
 from training.task import THETA_PRIOR_KEY, encode_theta_priors, initial_context, pooled_theta_curves
 
 
+def addressee(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: an error the SuperLink wrote itself (e.g. "Node Unavailable"
+    for a SuperNode that went away) comes from the SuperLink's own id, not the node's."""
+    nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    return nodes.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 class RunStopped(RuntimeError):
     """A round kept getting fewer replies than --min-train-nodes after every retry."""
 
@@ -60,6 +67,7 @@ class PortfolioFedAvg(FedAvg):
         self.replies: list[Message] = []
         self.evaluating = 0
         self.node_clients: dict[int, int | str] = {}  # node id -> the client it answered as (to name its failures)
+        self.outgoing: list[Message] = []  # the stage's instructions (the grid gives them their message ids)
         # per-client θ: the pooled validation curves of the last evaluation, sent with the next one
         self.theta_priors = pooled_theta_curves(history[-1]["eval"], tuple(cfg.theta_grid)) if history else {}
 
@@ -78,6 +86,7 @@ class PortfolioFedAvg(FedAvg):
         source = self.dp if self.dp else super()
         messages = list(source.configure_train(server_round, arrays, config, grid))
         self.sampled = [m.metadata.dst_node_id for m in messages]
+        self.outgoing = messages
         first = " (each first extracts its image features)" if server_round + self.offset == 1 else ""
         how = " through SecAgg+" if self.cfg.secure_aggregation else ""
         outputs.report(f"round {server_round + self.offset}/{self.cfg.rounds}: training {len(messages)} "
@@ -92,6 +101,7 @@ class PortfolioFedAvg(FedAvg):
             config = ConfigRecord({**config, THETA_PRIOR_KEY: encode_theta_priors(self.theta_priors)})
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self.evaluating = len(messages)
+        self.outgoing = messages
         return messages
 
     def _answered(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
@@ -100,7 +110,7 @@ class PortfolioFedAvg(FedAvg):
         for r in replies:
             if r.has_error():
                 client, cause = failure_of(r.error.reason)
-                self._failed(server_round, stage, client, cause, r.metadata.src_node_id)
+                self._failed(server_round, stage, client, cause, addressee(r, self.outgoing))
             else:
                 ok.append(r)
         return ok
