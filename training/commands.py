@@ -30,29 +30,44 @@ FLAGS = {
     "seed": ("seed", int, "seed for data, partition and training"),
     "out": ("out_dir", str, "output folder"),
     "publish-store": ("publish_store", str, "also store the final global prompt in this prompts store"),
+    # dropout and stragglers, secure aggregation, differential privacy (README "Training options")
+    "min-train-nodes": ("min_train_nodes", int, "replies a training round needs to aggregate"),
+    "round-timeout": ("round_timeout", float, "seconds the server waits for a round's replies"),
+    "short-round": ("short_round", str, "a round with fewer replies than --min-train-nodes: skip (keep the last "
+                                        "global prompt) | retry"),
+    "round-retries": ("round_retries", int, "--short-round retry: attempts before the run stops"),
+    "secagg-clip-range": ("secagg_clip_range", float, "SecAgg+: prompt values (times n / max weight) are clipped "
+                                                      "to ±this before quantisation"),
+    "secagg-max-weight": ("secagg_max_weight", float, "SecAgg+: the largest num-examples a client may have"),
+    "dp": ("dp", str, "central differential privacy on the global prompts: off | server | client (where the "
+                      "updates are clipped)"),
+    "dp-clip-norm": ("dp_clip_norm", float, "--dp: L2 bound of a client's update to the global prompts per round"),
+    "dp-noise": ("dp_noise", float, "--dp: noise multiplier σ (noise std = σ · clip norm / sampled clients)"),
+    "dp-delta": ("dp_delta", float, "--dp: δ at which ε is reported"),
 }
+# TEST ONLY: a client fails its training at random (hidden from --help)
+TEST_FLAGS = {"test-fail-prob": ("test_fail_prob", float), "test-fail-seed": ("test_fail_seed", int)}
 
 
 def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from training.config import OFFICIAL_RECIPE, TrainConfig
+    from training.config import OFFICIAL_RECIPE, TrainConfig, invalid_config_message
     from training.simulation import main_simulation
 
     fields = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
+    fields.update({field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in TEST_FLAGS.items()})
     fields = {k: v for k, v in fields.items() if v is not None}
     if fields.get("clip_norm") == 0:
         fields["clip_norm"] = None
     if args.recipe == "official":  # the official values first; explicit flags still win
         fields = {**OFFICIAL_RECIPE, **fields}
     fields.update(arch=args.arch, pretrained=args.pretrained, resume=args.resume, audit=args.audit,
-                  skip_bad_images=args.skip_bad_images)
+                  skip_bad_images=args.skip_bad_images, secure_aggregation=args.secure_aggregation)
     try:
         cfg = TrainConfig.model_validate(fields)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
-                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
-        raise ValueError(f"invalid training configuration: {problems}") from None
+        raise ValueError(invalid_config_message(e)) from None
     return main_simulation(cfg, sys.argv[1:], args.network)
 
 
@@ -101,7 +116,12 @@ def add_commands(sub) -> None:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images out (counted in the data summary) instead of refusing the folder")
     p.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
-    p.add_argument("--audit", action="store_true", help="keep every client's returned global prompt per round")
+    p.add_argument("--audit", action="store_true", help="keep every client's returned global prompt per round "
+                                                        "(with --secure-aggregation: everything the server received)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="aggregate the global prompts with SecAgg+: the server sees only the weighted sum")
+    for flag, (_, kind) in TEST_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, default=None, help=argparse.SUPPRESS)
     p.add_argument("--network", choices=["isolate", "host"], default="isolate",
                    help="run Ray in a private network namespace (default) or on the host network")
     p.set_defaults(handler=_train)

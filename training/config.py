@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from promptfolio.encoder import parse_pretrained
 from promptfolio.portfolio import DEFAULT_THETA, THETA_GRID, check_theta
@@ -105,6 +105,23 @@ class TrainConfig(BaseModel):
     skip_bad_images: bool = False  # leave unreadable images out (counted) instead of refusing the folder
     seed: int = 0
     classes: list[str] | None = None  # deployment: the federation's class list (simulation: from the data)
+    # dropout, stragglers, secure aggregation, differential privacy (README "Training options")
+    min_train_nodes: int = Field(1, ge=1)  # replies a training round needs to aggregate
+    round_timeout: float = Field(600.0, gt=0)  # seconds the server waits for a round's replies
+    short_round: Literal["skip", "retry"] = "skip"  # a round with too few replies: keep the last global, or ask again
+    round_retries: int = Field(2, ge=0)  # short_round=retry: attempts before the run stops
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the clients' weighted prompts
+    secagg_clip_range: float = Field(1.0, gt=0)  # prompt values (times n/max weight) clipped to ±this, then quantised
+    secagg_quant_range: int = Field(2**22, ge=2**8, le=2**24)  # quantisation levels over [-clip, clip]
+    secagg_max_weight: float = Field(1000.0, gt=0)  # largest num-examples a client may carry
+    secagg_shares: float = Field(1.0, gt=0, le=1)  # share of the sampled clients each key is split among
+    secagg_threshold: float = Field(0.5, gt=0, le=1)  # share of those shares that reconstructs a dropped key
+    dp: Literal["off", "server", "client"] = "off"  # central DP, clipping the updates on the server or the clients
+    dp_clip_norm: float = Field(0.1, gt=0)  # L2 bound of one client's update to the global prompts per round
+    dp_noise: float = Field(1.0, gt=0)  # noise multiplier: Gaussian std = dp_noise * dp_clip_norm / sampled clients
+    dp_delta: float = Field(1e-5, gt=0, lt=1)  # δ at which ε is reported
+    test_fail_prob: float = Field(0.0, ge=0, lt=1)  # TEST ONLY: chance a client fails its training each round
+    test_fail_seed: int = 0  # TEST ONLY: seed of those failures
     # output
     out_dir: Path = Path("runs/latest")
     resume: bool = False
@@ -173,8 +190,56 @@ class TrainConfig(BaseModel):
                                  f"tokens); the default init {self.ctx_init!r} has {len(self.ctx_init.split())}")
         return self
 
+    @model_validator(mode="after")
+    def _privacy_options_combine(self) -> "TrainConfig":
+        if self.dp != "off" and self.secure_aggregation:
+            raise ValueError("--dp with --secure-aggregation is not supported: the DP wrapper needs the plain aggregate")
+        if (self.dp != "off" or self.secure_aggregation) and not any(m.trains_global for m in self.method_specs):
+            option = "--secure-aggregation" if self.secure_aggregation else f"--dp {self.dp}"
+            raise ValueError(f"{option} needs a method with a global prompt (promptfl, promptfolio…)")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> "TrainConfig":
+        """Flower's run config (`[tool.flwr.app.config]` plus `flwr run --run-config`): keys with '-'
+        for '_', lists comma-separated, and "" for an unset value (TOML has no null)."""
+        fields = {key.replace("-", "_"): value for key, value in run_config.items()}
+        for name, field in cls.model_fields.items():
+            if fields.get(name) == "" and type(None) in get_args(field.annotation):
+                fields[name] = None
+        if fields.get("ctx_init") == cls.model_fields["ctx_init"].default:
+            del fields["ctx_init"]  # the default phrase, unless asked for: an explicit n-ctx gets a clear error
+        if fields.get("clip_norm") == 0:  # as on the CLI: 0 disables clipping
+            fields["clip_norm"] = None
+        return cls.model_validate(fields)
+
+
+def invalid_config_message(error: ValidationError) -> str:
+    """One line naming every bad setting, for the CLI and the ServerApp's log."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
+                         f"{err['msg'].removeprefix('Value error, ')}" for err in error.errors())
+    return f"invalid training configuration: {problems}"
+
+
+def run_config_value(value: object) -> str | int | float | bool:
+    """One TrainConfig value as Flower's flat run config writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run_config_defaults() -> dict[str, str | int | float | bool]:
+    """Every TrainConfig field as a run-config key with its default (what pyproject.toml's
+    `[tool.flwr.app.config]` must hold: Flower refuses to override a key that is not listed)."""
+    return {name.replace("_", "-"): run_config_value(field.get_default(call_default_factory=True))
+            for name, field in TrainConfig.model_fields.items()}
 
 
 # The official PromptFolio recipe where our defaults depart from it (README lists each reason).

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 
 GLOBAL_PREFIX = "global/"
 PLACEHOLDER_KEY = "placeholder"
-_FAILURE = re.compile(r"promptfolio client (-?\d+) failed: ([^\n'\"]*)")
+_FAILURE = re.compile(r"promptfolio client (.+?) failed: ([^\n'\"]*)")
 
 
 def pack_globals(prompts: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -35,16 +35,19 @@ def allowed_keys(method_keys: list[str]) -> set[str]:
     return {GLOBAL_PREFIX + k for k in method_keys} | {PLACEHOLDER_KEY}
 
 
-def client_failure(partition: int, error: BaseException) -> str:
-    """One line naming the client and the cause (Flower's own reason is a long Ray traceback)."""
+def client_failure(client: int | str, error: BaseException) -> str:
+    """One line naming the client (its partition in a simulation, else its site name) and the cause
+    (Flower's own reason is a long Ray traceback)."""
     text = " ".join(str(error).split()) or type(error).__name__
-    return f"promptfolio client {partition} failed: {type(error).__name__}: {text}"
+    return f"promptfolio client {client} failed: {type(error).__name__}: {text}"
 
 
-def failure_of(reason: str) -> tuple[int | None, str]:
-    """(partition, cause) from a failed reply's error reason; partition None when unknown."""
+def failure_of(reason: str) -> tuple[int | str | None, str]:
+    """(client, cause) from a failed reply's error reason: the client as `client_failure` named it
+    (a partition number, or a site name), None when unknown."""
     match = _FAILURE.search(reason)
     if match:
-        return int(match.group(1)), match.group(2).strip()
+        client = match.group(1)
+        return (int(client) if client.lstrip("-").isdigit() else client), match.group(2).strip()
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return None, (lines[-1] if lines else "unknown error")[:300]

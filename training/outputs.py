@@ -7,14 +7,15 @@ benchmark read the same files through one module.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import ConsoleHandler, log
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
@@ -28,9 +29,28 @@ METRICS = "metrics.json"
 
 
 def report(line: str) -> None:
-    """To the terminal in a simulation, and to Flower's log (what `flwr run --stream` shows)."""
-    print(line, file=sys.stderr, flush=True)
+    """Once to the user: Flower's log when it has its console (the deployment engine, what `flwr run
+    --stream` shows); else (a simulation keeps Flower's log in a file) the terminal and that log."""
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(h, ConsoleHandler) for h in flower.handlers):
+        print(line, file=sys.stderr, flush=True)
     log(INFO, line)
+
+
+def quiet_duplicate_log() -> None:
+    """Every Flower log line once: open_clip logs through the root logger, which gives it a
+    console handler of its own (logging's implicit basicConfig) that Flower's lines then reach
+    a second time by propagation, next to Flower's own console handler."""
+    logging.getLogger("flwr").propagate = False
+
+
+def reply_row(reply: Message) -> dict:
+    """A reply's metrics with its site's name (and one-off feature timing), which a MetricRecord
+    cannot carry; the ClientApp sends them as the `site` ConfigRecord."""
+    row = dict(reply.content["metrics"])
+    if isinstance(reply.content.get("site"), ConfigRecord):
+        row.update(reply.content["site"])
+    return row
 
 
 def method_means(rows: list[dict], metric: str) -> dict[str, float]:
@@ -38,30 +58,63 @@ def method_means(rows: list[dict], metric: str) -> dict[str, float]:
     return {k: float(np.mean([r[f"{metric}/{k}"] for r in rows if f"{metric}/{k}" in r])) for k in keys}
 
 
+def client_id(row: dict) -> int | str:
+    """A metrics row's client: its partition in a simulation, else its site's name."""
+    partition = int(row.get("partition", -1))
+    return partition if partition >= 0 or "site" not in row else str(row["site"])
+
+
+def client_name(row: dict) -> str:
+    """client_id as text (audit keys `<client>/...`, log lines)."""
+    return str(client_id(row))
+
+
+def row_order(row: dict) -> tuple[int, str]:
+    return int(row.get("partition", -1)), str(row.get("site", ""))
+
+
 def progress_line(record: dict, cfg: TrainConfig) -> str:
     personal = method_means(record["eval"], "personal")
     general = method_means(record["eval"], "general")
-    parts = [f"{k} {personal[k]:.1f}/{general.get(k, float('nan')):.1f}" for k in personal]
+    if not general:  # sites with no shared test set (the deployment engine): no generalization score
+        return f"round {record['round']}/{cfg.rounds}  personal acc %: " + "  ".join(
+            f"{k} {v:.1f}" for k, v in personal.items())
+    parts = [f"{k} {personal[k]:.1f}/{general[k]:.1f}" if k in general else f"{k} {personal[k]:.1f}/-"
+             for k in personal]
     return f"round {record['round']}/{cfg.rounds}  personal/general acc %: " + "  ".join(parts)
 
 
-def summarize(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> dict:
-    """metrics.json: the config, every round, the final means, and any client that failed."""
-    summary: dict = {"config": json.loads(cfg.to_json()), "rounds": history, "failed_clients": failures}
+def mean_or_none(values: list[float]) -> float | None:
+    """None (null in metrics.json) when no client measured it, never a NaN or a stand-in."""
+    return float(np.mean(values)) if values else None
+
+
+def summarize(cfg: TrainConfig, history: list[dict], failures: list[dict], stopped: str | None = None,
+              privacy: dict | None = None) -> dict:
+    """metrics.json: the config, every round (who answered, privacy spent), the final means, every
+    client failure (the run goes on without the client), why the run stopped early if it did, and
+    the (ε, δ) spent over the run with --dp."""
+    summary: dict = {"config": json.loads(cfg.to_json()), "rounds": history, "failed_clients": failures,
+                     "stopped": stopped}
+    privacy = privacy or next((r["privacy"] for r in reversed(history) if "privacy" in r), None)
+    if privacy is not None:
+        summary["privacy"] = privacy
     if history:
         last = history[-1]["eval"]
         summary["final"] = {
             key: {"personal_mean": float(np.mean([r[f"personal/{key}"] for r in last])),
-                  "general_mean": float(np.mean([r[f"general/{key}"] for r in last if f"general/{key}" in r])),
+                  "general_mean": mean_or_none([r[f"general/{key}"] for r in last if f"general/{key}" in r]),
                   "per_client_personal": [r[f"personal/{key}"] for r in last],
                   "per_client_theta": [r[f"theta/{key}"] for r in last]}
             for key in method_means(last, "personal")}
     return summary
 
 
-def write_metrics(cfg: TrainConfig, history: list[dict], failures: list[dict]) -> None:
+def write_metrics(cfg: TrainConfig, history: list[dict], failures: list[dict], stopped: str | None = None,
+                  privacy: dict | None = None) -> None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(cfg.out_dir / METRICS, json.dumps(summarize(cfg, history, failures), indent=1).encode())
+    atomic_write(cfg.out_dir / METRICS,
+                 json.dumps(summarize(cfg, history, failures, stopped, privacy), indent=1).encode())
 
 
 def write_checkpoint(cfg: TrainConfig, arrays: ArrayRecord, round_no: int, fingerprint: str) -> None:

@@ -137,12 +137,9 @@ def simulate(cfg: TrainConfig) -> dict:
     metrics = read_metrics(cfg.out_dir)
     if metrics is None:
         raise TrainingFailed(f"the federated run produced no metrics; see {cfg.out_dir / 'flower.log'}")
-    if metrics.get("failed_clients"):
-        named = "; ".join(f"client {f['client'] if f['client'] is not None else '?'} (round {f['round']}, "
-                          f"{f['stage']}): {f['error']}" for f in metrics["failed_clients"])
-        raise TrainingFailed(f"{len(metrics['failed_clients'])} client failure(s), the run stopped: {named}. "
-                             f"Fix the cause and rerun with --resume to continue after round "
-                             f"{len(metrics['rounds'])}; details in {cfg.out_dir / 'flower.log'}")
+    if metrics.get("stopped"):
+        raise TrainingFailed(f"the run stopped: {metrics['stopped']}. Fix the cause and rerun with --resume to "
+                             f"continue after round {len(metrics['rounds'])}; details in {cfg.out_dir / 'flower.log'}")
     if len(metrics["rounds"]) < cfg.rounds:
         raise TrainingFailed(f"the run stopped after {len(metrics['rounds'])} of {cfg.rounds} rounds; rerun with "
                              f"--resume to continue (see {cfg.out_dir / 'flower.log'})")
