@@ -2,10 +2,16 @@
 
     <root>/global/v000001.safetensors ...   immutable versions of the global prompt
     <root>/global/CURRENT                   {"version": N, "sha256": ...}: the global in use
-    <root>/tenants/<id>/tenant.json         class names, θ, sha256 of the API key
-    <root>/tenants/<id>/v000001.safetensors immutable versions of the tenant's local prompt
-    <root>/tenants/<id>/CURRENT             the served pair: local version + pinned global version
+    <root>/tenants/_ab/cd/<id>/tenant.json  class names, θ, sha256 of the API key
+    <root>/tenants/_ab/cd/<id>/v000001.safetensors  immutable versions of the tenant's local prompt
+    <root>/tenants/_ab/cd/<id>/CURRENT      the served pair: local version + pinned global version
+    <root>/tenants/index.sqlite             every tenant id in order, and the class lists in use
     <root>/<scope>/features/                class features persisted by the service, by content
+    <root>/tmp/                             writes in progress (a crash's leftovers are cleared at start)
+
+Tenant folders are fanned out by a hash of the id (`_ab/cd`, see prompts_store/tenant_index.py) so
+that no folder holds more than a few dozen entries at a million tenants, and listed a page at a time
+from the index. A store of the old flat layout (`tenants/<id>/`) is migrated when it is opened.
 
 Why files and not SQLite: a prompt version already is a file, so one rename-based protocol covers
 both, a store is inspectable and backed up with ordinary tools, and each tenant is independent
@@ -25,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +43,12 @@ from prompts_store.artifact import (
     MAX_ARTIFACT_BYTES, ArtifactError, PromptMeta, artifact_bytes, content_sha256, read_artifact,
 )
 from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant  # noqa: F401 - re-exported
-from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries  # noqa: F401
+from prompts_store.files import TMP_PREFIX, atomic_write, fsync_dir, locked, remove_temporaries  # noqa: F401
 from prompts_store.keys import hash_key, key_tenant  # noqa: F401 - re-exported
 from prompts_store.layout import open_root
 from prompts_store.pointers import GlobalPointer, Serving, TenantPointer
 from prompts_store.registry import TenantRecord, TenantRegistry, validate_tenant_id
+from prompts_store.tenant_index import INDEX_FILE, TenantIndex, migrate_flat_layout, rebuild_index, shard
 
 __all__ = ["PromptStore", "StoredPrompt", "StoreError", "UnknownTenant", "UnknownGlobal", "NoStore",
            "atomic_write", "fsync_dir", "hash_key", "key_tenant", "TenantRecord", "Serving", "TenantPointer"]
@@ -62,12 +71,24 @@ class PromptStore(TenantRegistry):
         self.fingerprint = encoder_fingerprint
         self.width = width
         self.builtin_global_sha256 = builtin_global_sha256  # version 0: the service's zero-shot prompt
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(exist_ok=True)
+        tenants_dir = self.root / "tenants"
+        lost_index = not (tenants_dir / INDEX_FILE).exists()
+        self.index = TenantIndex(tenants_dir)
+        if lost_index:  # a fanned-out store whose index file went missing: find the folders once
+            rebuild_index(tenants_dir, self.index)
+        self.migrated = migrate_flat_layout(tenants_dir, self.index)  # 0 unless the store predates fan-out
 
     # ---- layout --------------------------------------------------------------------------
     def _scope(self, tenant: str | None) -> Path:
         if tenant is None:
             return self.root / "global"
-        return self.root / "tenants" / validate_tenant_id(tenant)
+        return self.root / "tenants" / shard(validate_tenant_id(tenant)) / tenant
+
+    def tenant_dir(self, tenant: str) -> Path:
+        """The folder holding `tenant`'s record, versions, pointer and features."""
+        return self._scope(tenant)
 
     def _version_path(self, scope: Path, version: int) -> Path:
         return scope / f"v{version:06d}.safetensors"
@@ -76,9 +97,28 @@ class PromptStore(TenantRegistry):
         """Where the service persists the class features of one prompt content for one class list."""
         return self._scope(tenant) / "features" / f"{sha256[:32]}-{classes_digest}-{encoder_tag}.safetensors"
 
-    def recover(self) -> int:
-        """Remove temporary files a crash left behind; returns how many. Call while no writer runs."""
-        return remove_temporaries(self.root)
+    def recover(self, everywhere: bool = False) -> int:
+        """Remove temporary files a crash left behind; returns how many. Call while no writer runs.
+
+        Writes stage their temporaries in `<root>/tmp/`, so clearing that folder (and the global
+        scope, for leftovers of older versions) is enough and costs nothing at any tenant count;
+        `everywhere` walks every tenant folder as well."""
+        if everywhere:
+            return remove_temporaries(self.root)
+        return sum(remove_temporaries(folder) for folder in (self.tmp_dir, self.root / "global"))
+
+    def delete_tenant(self, tenant: str) -> None:
+        """Remove a tenant: record, key, versions, pointer, persisted features; nothing of others.
+
+        One rename moves the folder into `tmp/` (atomic: the tenant is there or gone), then it is
+        removed and its id leaves the index; a crash in between leaves only what start clears."""
+        scope = self._require_tenant(tenant)
+        trash = self.tmp_dir / f"{TMP_PREFIX}deleted-{tenant}-{secrets.token_hex(4)}"
+        with locked(scope):
+            os.rename(scope, trash)
+        fsync_dir(scope.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        self.index.remove(tenant)
 
     # ---- prompt versions ----------------------------------------------------------------
     def versions(self, tenant: str | None = None) -> list[int]:
@@ -206,14 +246,14 @@ class PromptStore(TenantRegistry):
             if pin is not None:
                 update["global_version"] = pin  # the store version of the global it was trained with
             stored = meta.model_copy(update=update)
-            atomic_write(self._version_path(scope, version), artifact_bytes(ctx, stored))
+            self._write(self._version_path(scope, version), artifact_bytes(ctx, stored))
             if tenant is None:
                 pointer: GlobalPointer | TenantPointer = GlobalPointer(version=version, sha256=sha)
             else:
                 pointer = TenantPointer(local=version, local_sha256=sha, local_theta=meta.theta,
                                         trained_with_sha256=meta.global_sha256, global_version=pin,
                                         trained_with_version=pin, global_sha256=global_sha)
-            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+            self._write(scope / "CURRENT", pointer.model_dump_json().encode())
         return stored
 
     def _check_fits(self, ctx: torch.Tensor, meta: PromptMeta, kind: str) -> None:
@@ -239,7 +279,7 @@ class PromptStore(TenantRegistry):
             if version not in self.versions(None):
                 raise StoreError(f"global version {version} does not exist (have {self.versions(None)[-10:]})")
             pointer = GlobalPointer(version=version, sha256=self.meta(None, version).content_sha256)
-            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+            self._write(scope / "CURRENT", pointer.model_dump_json().encode())
         return pointer
 
     def set_pointer(self, tenant: str, pointer: TenantPointer) -> TenantPointer:
@@ -247,7 +287,7 @@ class PromptStore(TenantRegistry):
         with locked(scope):
             if pointer.local is not None and pointer.local not in self.versions(tenant):
                 raise StoreError(f"version {pointer.local} of {tenant!r} does not exist")
-            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+            self._write(scope / "CURRENT", pointer.model_dump_json().encode())
         return pointer
 
     def rollback_target(self, tenant: str | None, version: int | None) -> int:

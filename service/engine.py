@@ -108,7 +108,7 @@ class Engine:
             if not torch.isfinite(feats).all():
                 raise Unservable(f"its class features are not finite (the context's values, up to "
                                  f"{float(ctx.abs().max()):.3g} in magnitude, overflow the text encoder)")
-            persist(path, feats)
+            persist(path, feats, self.store.tmp_dir)
         self.cache.put(key, feats)
         return feats, False
 
