@@ -63,7 +63,7 @@ def _now() -> str:
 
 
 class TenantRegistry:
-    """Tenant records (`tenants/_ab/cd/<id>/tenant.json`): the store's half that knows no prompts."""
+    """Tenant records (`tenants/_abc/<id>/tenant.json`): the store's half that knows no prompts."""
 
     root: Path
     index: TenantIndex

@@ -2,15 +2,15 @@
 
     <root>/global/v000001.safetensors ...   immutable versions of the global prompt
     <root>/global/CURRENT                   {"version": N, "sha256": ...}: the global in use
-    <root>/tenants/_ab/cd/<id>/tenant.json  class names, θ, sha256 of the API key
-    <root>/tenants/_ab/cd/<id>/v000001.safetensors  immutable versions of the tenant's local prompt
-    <root>/tenants/_ab/cd/<id>/CURRENT      the served pair: local version + pinned global version
+    <root>/tenants/_abc/<id>/tenant.json     class names, θ, sha256 of the API key
+    <root>/tenants/_abc/<id>/v000001.safetensors  immutable versions of the tenant's local prompt
+    <root>/tenants/_abc/<id>/CURRENT         the served pair: local version + pinned global version
     <root>/tenants/index.sqlite             every tenant id in order, and the class lists in use
     <root>/<scope>/features/                class features persisted by the service, by content
     <root>/tmp/                             writes in progress (a crash's leftovers are cleared at start)
 
-Tenant folders are fanned out by a hash of the id (`_ab/cd`, see prompts_store/tenant_index.py) so
-that no folder holds more than a few dozen entries at a million tenants, and listed a page at a time
+Tenant folders are fanned out by a hash of the id (`_abc`, see prompts_store/tenant_index.py) so
+that no folder holds more than a few hundred entries at a million tenants, and listed a page at a time
 from the index. A store of the old flat layout (`tenants/<id>/`) is migrated when it is opened.
 
 Why files and not SQLite: a prompt version already is a file, so one rename-based protocol covers

@@ -1,10 +1,11 @@
 """Tenant folders fanned out by hash, and an ordered index of tenant ids: a store of a million
 tenants lists a page of them, finds one, and registers many without listing a directory.
 
-    <root>/tenants/_ab/cd/<id>/      a tenant's folder; ab, cd: the first hex digits of sha256(id)
+    <root>/tenants/_abc/<id>/        a tenant's folder; abc: the first 3 hex digits of sha256(id)
     <root>/tenants/index.sqlite      every tenant id, in order, and every class list tenants use
 
-Fan-out keeps each folder small (about 15 tenants per leaf folder at a million). A shard's name
+Fan-out keeps each folder small: 4,096 shards hold about 250 tenants each at a million (one level:
+a second one would cost a folder, a 4 KiB block and a mkdir per tenant in small stores). A shard's name
 starts with "_", which no tenant id can, so the old flat layout (`tenants/<id>/`) is told apart
 entry by entry and migrated in place (`migrate_flat_layout`).
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from prompts_store.artifact import TENANT_PATTERN
-from prompts_store.files import TMP_PREFIX, fsync_dir, locked
+from prompts_store.files import TMP_PREFIX, locked
 
 INDEX_FILE = "index.sqlite"
 SHARD_PREFIX = "_"  # tenant ids start with [a-z0-9]: a shard folder can never be mistaken for a tenant
@@ -45,9 +46,8 @@ def classes_digest(classes: list[str]) -> str:
 
 
 def shard(tenant: str) -> str:
-    """`_ab/cd`: where `tenant`'s folder lives under `tenants/`."""
-    h = hashlib.sha256(tenant.encode()).hexdigest()
-    return f"{SHARD_PREFIX}{h[:2]}/{h[2:4]}"
+    """`_abc`: the folder under `tenants/` that holds `tenant`'s folder."""
+    return SHARD_PREFIX + hashlib.sha256(tenant.encode()).hexdigest()[:3]
 
 
 class TenantIndex:
@@ -108,7 +108,7 @@ def flat_tenant_folders(tenants_dir: Path) -> list[str]:
 
 
 def migrate_flat_layout(tenants_dir: Path, index: TenantIndex) -> int:
-    """Move every `tenants/<id>/` folder of the old layout to `tenants/_ab/cd/<id>/`; returns how many.
+    """Move every `tenants/<id>/` folder of the old layout to `tenants/_abc/<id>/`; returns how many.
 
     Crash-safe and resumable: the ids (and their class lists) go into the index first, then each
     folder moves with one rename (atomic: the tenant is at its old place or its new one, never
@@ -120,7 +120,6 @@ def migrate_flat_layout(tenants_dir: Path, index: TenantIndex) -> int:
         if not old:
             return 0
         index.add(old, _class_lists(tenants_dir, old))
-        touched = set()
         for tenant in old:
             source, dest = tenants_dir / tenant, tenants_dir / shard(tenant) / tenant
             for leftover in source.glob(f"{TMP_PREFIX}*"):
@@ -130,10 +129,7 @@ def migrate_flat_layout(tenants_dir: Path, index: TenantIndex) -> int:
                 raise RuntimeError(f"tenant {tenant!r} exists in both layouts ({source} and {dest}): "
                                    f"keep one of them and start again")
             os.rename(source, dest)
-            touched.add(dest.parent)
-        for folder in touched:
-            fsync_dir(folder)
-        fsync_dir(tenants_dir)
+        os.sync()  # the renames, durably: one sync instead of an fsync of each of thousands of folders
         return len(old)
 
 
@@ -147,7 +143,7 @@ def _class_lists(tenants_dir: Path, tenants: list[str]) -> Iterator[list[str]]:
 
 def rebuild_index(tenants_dir: Path, index: TenantIndex) -> int:
     """Re-create a lost index from the folders (a full walk: only when the index file is missing)."""
-    found = sorted(p.parent.name for p in tenants_dir.glob(f"{SHARD_PREFIX}*/*/*/tenant.json"))
+    found = sorted(p.parent.name for p in tenants_dir.glob(f"{SHARD_PREFIX}*/*/tenant.json"))
     for start in range(0, len(found), 10_000):
         chunk = found[start:start + 10_000]
         index.add(chunk, _class_lists_fanned(tenants_dir, chunk))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -177,8 +177,11 @@ def create_app() -> FastAPI:
                 "effective_theta": view.theta}
 
     @app.get("/tenants", dependencies=[Depends(require_admin)])
-    def list_tenants(request: Request) -> dict:
-        return {"tenants": engine_of(request).store.tenants()}
+    def list_tenants(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     after: str | None = None) -> dict:
+        # a page at a time from the store's index: a million tenants never travel in one answer
+        page = engine_of(request).store.tenant_page(after, limit)
+        return {"tenants": page, "next": page[-1] if len(page) == limit else None}
 
     @app.post("/global/prompt", status_code=201, dependencies=[Depends(require_admin)])
     async def publish_global(request: Request, file: UploadFile = File(...)) -> dict:

@@ -1,0 +1,126 @@
+"""Many tenants: pages of the index, the fan-out migration of an old flat store (and a crash in the
+middle of it), and a cold tenant served exactly like a warm one. Real files, a real server."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import REPO
+from prompts_store.errors import StoreError
+from prompts_store.store import PromptStore
+from prompts_store.tenant_index import flat_tenant_folders, shard
+from promptfolio.prompts import init_context
+from service_helpers import ADMIN_KEY, Server, auth
+from test_service import ACME, classify, images_for, local_artifact
+
+
+def flat_store(built, root) -> None:
+    """The store `built` rewritten at `root` in the layout of the code before fan-out: the same files
+    in `tenants/<id>/` folders, no index, no tmp/ (folders move: removing thousands is slow here)."""
+    store = PromptStore(built)
+    (root / "tenants").mkdir(parents=True)
+    os.rename(built / "global", root / "global")
+    for tenant in store.tenants():
+        os.rename(store.tenant_dir(tenant), root / "tenants" / tenant)
+
+
+def test_pages_list_every_tenant_once_in_order(tmp_path):
+    store = PromptStore(tmp_path, create=True)
+    ids = [f"t{i:05d}" for i in range(2500)]
+    keys = store.add_tenants([(t, ["a", "b"], None) for t in reversed(ids)])
+    keys["m-solo"] = store.add_tenant("m-solo", ["c"])
+    store.index.add(["m-ghost"])  # a registration that crashed after the index, before its folder
+    expected = sorted([*ids, "m-solo"])
+
+    seen, after = [], None
+    while page := store.tenant_page(after, 100):
+        assert len(page) <= 100
+        seen += page
+        after = page[-1]
+    assert seen == expected  # every id once, ascending, the ghost skipped
+    assert store.tenant_page("m", 3) == ["m-solo", "t00000", "t00001"]  # any string is a cursor
+    assert store.tenants() == expected and store.verify_key("t01234", keys["t01234"])
+    assert len(list(store.index.class_lists())) == 2  # what a global publish checks: 2 lists, not 2,501 tenants
+    with pytest.raises(StoreError, match="already exist"):
+        store.add_tenants([("t00007", ["a"], None)])
+    with pytest.raises(StoreError, match="at least one"):
+        store.tenant_page(None, 0)
+
+    store.delete_tenant("t00001")
+    assert store.tenant_page("t00000", 2) == ["t00002", "t00003"]
+    assert not store.tenant_dir("t00001").exists() and not store.verify_key("t00001", keys["t00001"])
+    assert store.add_tenant("t00001", ["z"])  # the id is free again
+
+
+def test_flat_store_migrates_and_cold_tenants_serve_like_warm(tmp_path, embedded_encoder):
+    enc = embedded_encoder
+    root = tmp_path / "store"
+    store = PromptStore(tmp_path / "built", enc.fingerprint, enc.text_width, create=True)
+    keys = store.add_tenants([(f"bulk-{i:03d}", ACME, None) for i in range(300)])
+    for i in range(3):
+        keys[f"own-{i}"] = store.add_tenant(f"own-{i}", ACME)
+        ctx = init_context(enc, n_ctx=4, generator=torch.Generator().manual_seed(i))
+        store.put_bytes(local_artifact(enc, ctx, theta=0.6), f"own-{i}", allow_unpinned=True)
+    flat_store(tmp_path / "built", root)
+    (root / "tenants" / "own-0" / ".tmp-CURRENT-dead").write_bytes(b"torn")  # an old crash's leftover
+    assert len(flat_tenant_folders(root / "tenants")) == 303
+
+    images = images_for(ACME, n=2)
+    first = Server(root, tmp_path / "server1.log").start()  # its store opens: the migration runs
+    try:
+        listed, after = [], None
+        while True:
+            r = httpx.get(f"{first.url}/v1/tenants", params={"limit": 64, **({"after": after} if after else {})},
+                          headers=auth(ADMIN_KEY))
+            assert r.status_code == 200, r.text
+            listed += r.json()["tenants"]
+            if (after := r.json()["next"]) is None:
+                break
+        assert listed == sorted(keys)
+        before = {t: classify(first, t, keys[t], images).json() for t in ("own-0", "own-2", "bulk-299")}
+        assert all("predictions" in answer for answer in before.values()), before
+    finally:
+        first.stop()
+    assert flat_tenant_folders(root / "tenants") == []
+    assert not (root / "tenants" / shard("own-0") / "own-0" / ".tmp-CURRENT-dead").exists()
+
+    second = Server(root, tmp_path / "server2.log").start()
+    try:  # cold after the restart: features come from disk and give the same scores as warm
+        for tenant, expected in before.items():
+            cold = classify(second, tenant, keys[tenant], images).json()
+            warm = classify(second, tenant, keys[tenant], images).json()
+            assert cold["predictions"] == warm["predictions"] == expected["predictions"]
+            assert cold["local_version"] == (1 if tenant.startswith("own") else None)
+    finally:
+        second.stop()
+
+
+MIGRATE = "import sys; from prompts_store.store import PromptStore; PromptStore(sys.argv[1])"
+
+
+def test_a_crash_during_migration_loses_no_tenant(tmp_path):
+    store = PromptStore(tmp_path / "built", create=True)
+    ids = [f"c{i:04d}" for i in range(3000)]
+    keys = store.add_tenants([(t, ["a", "b"], 0.3) for t in ids])
+    flat_store(tmp_path / "built", tmp_path / "s")
+    started = tmp_path / "s" / "tenants" / shard(ids[0])  # the first folder it moves goes here
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", MIGRATE, str(tmp_path / "s")], cwd=REPO, env=env)
+    while not started.exists() and proc.poll() is None:
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = len(flat_tenant_folders(tmp_path / "s" / "tenants"))
+    assert 0 < left < len(ids), f"the kill came {'too early' if left == len(ids) else 'too late'}: retry"
+
+    reopened = PromptStore(tmp_path / "s")
+    assert reopened.migrated == left and flat_tenant_folders(tmp_path / "s" / "tenants") == []
+    assert reopened.tenants() == ids
+    assert all(reopened.verify_key(t, keys[t]) for t in ids[::97])
+    assert reopened.tenant("c2999").theta == 0.3
