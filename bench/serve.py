@@ -7,7 +7,8 @@ For each model (the embedded tiny CLIP, and ViT-B-32 with random weights: speed 
   b. the service end to end over HTTP (127.0.0.1): concurrent clients spread over tenants
   c. a naive baseline like the research code: the text encoder runs over the tenant's prompts
      (global and local, 100 classes) on every request, and images are encoded one at a time
-  d. tenant scale (1, 100, 10,000 tenants): server resident memory, first request of a cold tenant
+  d. tenant scale (1, 10,000, 1,000,000 registered tenants): server resident memory, a page of the tenant
+     list over HTTP, and the cold-tenant overhead (a cold tenant's first classify minus its second)
   e. upload-to-serve: upload latency, then the next classify (which already uses the new version)
 Prints tables and the ratios b/a and b/c; writes results.json.
 """
@@ -44,7 +45,7 @@ from promptfolio.prompts import ZERO_SHOT_PHRASE, ClassPrompts, init_context  # 
 from prompts_store.artifact import PromptMeta, artifact_bytes  # noqa: E402
 from prompts_store.store import PromptStore  # noqa: E402
 from service.backends import OnnxImageBackend, TorchImageBackend  # noqa: E402
-from service_helpers import Server, auth  # noqa: E402
+from service_helpers import ADMIN_KEY, Server, auth  # noqa: E402
 
 MODELS = {"tiny": ("embedded", "embedded"), "vit-b-32": ("ViT-B-32", None)}
 N_CLASSES = 100
@@ -147,6 +148,110 @@ def register(store: PromptStore, n: int, encoder, with_local: bool) -> dict[str,
     return keys
 
 
+# ---- d. tenant scale -------------------------------------------------------------------------
+registered: dict[int, tuple[dict[str, str], float]] = {}  # stores of part d, by tenant count
+COLD_CLASSES = CLASS_NAMES[:10]  # cold tenants with their own local prompt: 10 classes keeps their uploads short
+
+
+def bulk_register(store: PromptStore, n: int, chunk: int = 20_000) -> tuple[dict[str, str], float]:
+    """`n` tenants through the store's bulk API (the same files as one at a time) -> (a few keys, seconds)."""
+    keys, start = {}, time.perf_counter()
+    for first in range(0, n, chunk):
+        batch = [(f"t{i:07d}", CLASS_NAMES, None) for i in range(first, min(n, first + chunk))]
+        made = store.add_tenants(batch)
+        keys.update({t: made[t] for t in list(made)[:: max(1, n // 200)]})  # keep ~200 keys, not a million
+        if n >= 100_000 and (first // chunk) % 10 == 9:
+            print(f"   registered {first + len(batch):,} of {n:,} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return keys, time.perf_counter() - start
+
+
+def prepare_cold_tenants(label: str, encoder, store_dir: Path, count: int) -> dict[str, str]:
+    """Tenants with their own local prompt, uploaded through the service's write path in-process (which
+    computes and persists their class features, as an upload over HTTP does)."""
+    from service import writes
+    from service.config import ServiceConfig
+    from service.engine import Engine
+
+    engine = Engine(ServiceConfig(store=store_dir, backend="torch"), encoder)
+    try:
+        keys = {}
+        for i in range(count):
+            tenant = f"cold-{label}-{i:03d}"
+            keys[tenant] = writes.register(engine, tenant, COLD_CLASSES, None)[0]
+            writes.upload_local(engine, tenant, local_artifact(encoder, 100 + i), allow_unpinned=True)
+        return keys
+    finally:
+        engine.batcher.close()
+        engine.decode_pool.close()
+
+
+def tenant_scale(label: str, encoder, pretrained: str, images: list[bytes], base: Path, n: int, args) -> dict:
+    """Register `n` tenants, start the server, then: its RSS, a page of the tenant list over HTTP, and
+    the cold-tenant overhead (a cold tenant's first classify minus its second, same image)."""
+    arch = MODELS[label][0]
+    store_dir = base / f"scale{n}"  # registered once, shared by the models (records name no encoder)
+    reused = store_dir.exists()
+    store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width, create=True)
+    keys, reg_s = registered.get(n) or bulk_register(store, n)
+    registered[n] = keys, reg_s
+    cold_keys = prepare_cold_tenants(label, encoder, store_dir, args.cold_tenants)
+    start = time.perf_counter()
+    # the torch image backend: no ONNX export at start (the overhead measured is the tenant's, not the encoder's)
+    server = Server(store_dir, base / f"{label}-scale{n}.log", PROMPTFOLIO_ARCH=arch, PROMPTFOLIO_PRETRAINED=pretrained,
+                    PROMPTFOLIO_BACKEND="torch").start(timeout=600)
+    ready_s = time.perf_counter() - start
+    try:
+        rss_ready = server_rss(server)
+        with httpx.Client(timeout=600) as client:
+            def classify_ms(tenant: str, key: str) -> float:
+                begin = time.perf_counter()
+                client.post(f"{server.url}/v1/tenants/{tenant}/classify", headers=auth(key),
+                            files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
+                return (time.perf_counter() - begin) * 1e3
+
+            def page_ms(after: str | None) -> float:
+                begin = time.perf_counter()
+                r = client.get(f"{server.url}/v1/tenants", params={"limit": 100, **({"after": after} if after else {})},
+                               headers=auth(ADMIN_KEY))
+                r.raise_for_status()
+                assert len(r.json()["tenants"]) == 100 or r.json()["next"] is None
+                return (time.perf_counter() - begin) * 1e3
+
+            tenants = list(keys)
+            for _ in range(3):  # the service's own warm-up: encoder, shared global features, threads
+                classify_ms(tenants[0], keys[tenants[0]])
+            middle = f"t{n // 2:07d}" if n > 1 else None
+            pages = [page_ms(None) for _ in range(5)] + [page_ms(middle) for _ in range(5)]
+            shared = [classify_ms(t, keys[t]) - classify_ms(t, keys[t]) for t in tenants[1:][-args.cold_tenants:]]
+            own = [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()]
+            rss_after = server_rss(server)
+    finally:
+        server.stop()
+    row = {"tenants": n, "register_s": reg_s, "store_reused": reused, "ready_s": ready_s, "rss_ready_mib": rss_ready,
+           "rss_after_mib": rss_after, "page_p50_ms": pct(pages, 50), "page_max_ms": max(pages),
+           "cold_shared_p50_ms": pct(shared, 50), "cold_shared_p90_ms": pct(shared, 90), "cold_shared_n": len(shared),
+           "cold_own_p50_ms": pct(own, 50), "cold_own_p90_ms": pct(own, 90), "cold_own_n": len(own)}
+    print(f"d. {n:,} tenants (registered in {reg_s:.0f} s{', store reused' if reused else ''}): ready in {ready_s:.1f} s; server RSS {rss_ready:.0f} MiB "
+          f"at ready, {rss_after:.0f} MiB after; a page of 100 tenants over HTTP {row['page_p50_ms']:.1f} ms (p50, "
+          f"max {row['page_max_ms']:.1f}); cold-tenant overhead (first classify minus second, same image): "
+          f"{row['cold_shared_p50_ms']:.1f} ms p50 / {row['cold_shared_p90_ms']:.1f} ms p90 over {len(shared)} "
+          f"tenants of the shared class list, {row['cold_own_p50_ms']:.1f} / {row['cold_own_p90_ms']:.1f} ms over "
+          f"{len(own)} with their own local prompt (features persisted at upload)", flush=True)
+    return row  # the stores go with the benchmark's folder at the end
+
+
+def print_scale_table(models: list[dict]) -> None:
+    print("\n| model | registered tenants | registration | ready | server RSS (ready / after) | page of 100 | "
+          "cold overhead p50 / p90: shared classes | own local prompt |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in models:
+        for row in m.get("d_scale", {}).values():
+            print(f"| {m['model']} | {row['tenants']:,} | {row['register_s']:.0f} s | {row['ready_s']:.1f} s | "
+                  f"{row['rss_ready_mib']:.0f} / {row['rss_after_mib']:.0f} MiB | {row['page_p50_ms']:.1f} ms | "
+                  f"{row['cold_shared_p50_ms']:.1f} / {row['cold_shared_p90_ms']:.1f} ms | "
+                  f"{row['cold_own_p50_ms']:.1f} / {row['cold_own_p90_ms']:.1f} ms |")
+
+
 def bench_model(label: str, args, base: Path) -> dict:
     arch, pretrained = MODELS[label]
     encoder = load_encoder(arch, pretrained)
@@ -156,6 +261,9 @@ def bench_model(label: str, args, base: Path) -> dict:
     images = jpeg_images(64, encoder.image_size)
     out: dict = {"model": label}
     print(f"\n== {label}: {arch} ({'random weights' if MODELS[label][1] is None else pretrained})", flush=True)
+    if args.only_scale:
+        out["d_scale"] = {n: tenant_scale(label, encoder, pretrained, images, base, n, args) for n in args.scale}
+        return out
 
     out["a_raw"] = raw_encoder(encoder, base / "onnx", args.seconds)
     best_key = max(out["a_raw"], key=out["a_raw"].get)
@@ -207,46 +315,7 @@ def bench_model(label: str, args, base: Path) -> dict:
     out["c_naive"] = {"images_per_s": naive_baseline(encoder, images, args.naive_requests)}
     print(f"c. naive baseline: {out['c_naive']['images_per_s']:.2f} images/s", flush=True)
 
-    out["d_scale"] = {}
-    for n in args.scale:
-        store_dir = base / f"{label}-scale{n}"
-        store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width, create=True)
-        keys = register(store, n, encoder, with_local=False)
-        cold_unique = "cold-unique"
-        cold_key = store.add_tenant(cold_unique, [f"{c} (variant)" for c in CLASS_NAMES])
-        store.put_bytes(local_artifact(encoder, 7), cold_unique)
-        server = start_server(base, arch, pretrained, f"{label}-scale{n}")
-        try:
-            with httpx.Client(timeout=600) as client:
-                def first(tenant, key):
-                    start = time.perf_counter()
-                    client.post(f"{server.url}/v1/tenants/{tenant}/classify", headers=auth(key),
-                                files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
-                    return (time.perf_counter() - start) * 1e3
-
-                tenants = list(keys)
-                first(tenants[0], keys[tenants[0]])  # the service's own warm-up (shared global features)
-                rss = server_rss(server)
-                shared = first(tenants[-1], keys[tenants[-1]])  # cold tenant, classes shared with others
-                unique = first(cold_unique, cold_key)  # cold tenant, own classes and local prompt
-        finally:
-            server.stop()
-        # after a restart the unique tenant's features load from disk instead of the text encoder
-        server = start_server(base, arch, pretrained, f"{label}-scale{n}")
-        try:
-            with httpx.Client(timeout=600) as client:
-                start = time.perf_counter()
-                client.post(f"{server.url}/v1/tenants/{cold_unique}/classify", headers=auth(cold_key),
-                            files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
-                persisted = (time.perf_counter() - start) * 1e3
-        finally:
-            server.stop()
-        out["d_scale"][n] = {"rss_mib": rss, "cold_shared_ms": shared, "cold_unique_ms": unique,
-                             "cold_unique_after_restart_ms": persisted}
-        print(f"d. {n} tenants: server RSS {rss:.0f} MiB; first request of a cold tenant: {shared:.0f} ms "
-              f"(shared classes), {unique:.0f} ms (own 100 classes + local prompt, text encoder runs), "
-              f"{persisted:.0f} ms (same after a restart: features from disk)", flush=True)
-        shutil.rmtree(store_dir, ignore_errors=True)
+    out["d_scale"] = {n: tenant_scale(label, encoder, pretrained, images, base, n, args) for n in args.scale}
 
     out["ratio_b_over_a"] = out["b_service"]["images_per_s"] / out["a_best"]["images_per_s"]
     out["ratio_b_over_c"] = out["b_service"]["images_per_s"] / out["c_naive"]["images_per_s"]
@@ -263,7 +332,9 @@ def main() -> int:
     parser.add_argument("--uploads", type=int, default=8)
     parser.add_argument("--naive-requests", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0, help="per raw-encoder configuration")
-    parser.add_argument("--scale", default="1,100,10000")
+    parser.add_argument("--scale", default="1,10000,1000000", help="registered tenants, one run per count")
+    parser.add_argument("--cold-tenants", type=int, default=30, help="cold tenants measured per scale and kind")
+    parser.add_argument("--only-scale", action="store_true", help="run only part d (tenant scale)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-serve"))
     args = parser.parse_args()
     args.scale = [int(s) for s in args.scale.split(",")]
@@ -279,11 +350,12 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     print("\n| model | a. raw encoder (best) | b. service over HTTP | p50 / p99 | c. naive | b/a | b/c |")
     print("|---|---|---|---|---|---|---|")
-    for m in results["models"]:
+    for m in (m for m in results["models"] if "b_service" in m):
         print(f"| {m['model']} | {m['a_best']['images_per_s']:.1f} img/s ({m['a_best']['config']}) | "
               f"{m['b_service']['images_per_s']:.1f} img/s | {m['b_service']['p50_ms']:.0f} / "
               f"{m['b_service']['p99_ms']:.0f} ms | {m['c_naive']['images_per_s']:.2f} img/s | "
               f"{m['ratio_b_over_a']:.2f} | {m['ratio_b_over_c']:.0f} |")
+    print_scale_table(results["models"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
