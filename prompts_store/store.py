@@ -33,6 +33,8 @@ import os
 import re
 import secrets
 import shutil
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,7 @@ from prompts_store.tenant_index import INDEX_FILE, TenantIndex, migrate_flat_lay
 __all__ = ["PromptStore", "StoredPrompt", "StoreError", "UnknownTenant", "UnknownGlobal", "NoStore",
            "atomic_write", "fsync_dir", "hash_key", "key_tenant", "TenantRecord", "Serving", "TenantPointer"]
 
+META_CACHE_SIZE = 4096  # parsed version metadata kept (a few KiB each)
 VERSION_RE = re.compile(r"^v(\d{6,})\.safetensors$")
 
 
@@ -71,6 +74,8 @@ class PromptStore(TenantRegistry):
         self.fingerprint = encoder_fingerprint
         self.width = width
         self.builtin_global_sha256 = builtin_global_sha256  # version 0: the service's zero-shot prompt
+        self._metas: OrderedDict[tuple, PromptMeta] = OrderedDict()  # see meta()
+        self._meta_lock = threading.Lock()
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(exist_ok=True)
         tenants_dir = self.root / "tenants"
@@ -128,7 +133,24 @@ class PromptStore(TenantRegistry):
         return sorted(int(m.group(1)) for p in scope.iterdir() if (m := VERSION_RE.match(p.name)))
 
     def meta(self, tenant: str | None, version: int) -> PromptMeta:
-        return self.load(tenant, version).meta
+        """A version's metadata, validated once: versions are immutable, so the parsed metadata is kept
+        per file identity (inode, size, mtime), which a re-created tenant's new files never share."""
+        path = self._version_path(self._scope(tenant), version)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise StoreError(f"version {version} of {'the global prompt' if tenant is None else tenant!r} "
+                             f"does not exist") from None
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._meta_lock:
+            cached = self._metas.get(key)
+        if cached is None:
+            cached = self.load(tenant, version).meta
+            with self._meta_lock:
+                self._metas[key] = cached
+                while len(self._metas) > META_CACHE_SIZE:
+                    self._metas.popitem(last=False)
+        return cached
 
     def load(self, tenant: str | None = None, version: int | None = None) -> StoredPrompt | None:
         """The current (or a given) version, validated against the running encoder; None if none."""
