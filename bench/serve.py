@@ -185,6 +185,26 @@ def prepare_cold_tenants(label: str, encoder, store_dir: Path, count: int) -> di
         engine.decode_pool.close()
 
 
+def engine_view_ms(encoder, store_dir: Path, tenants: list[str]) -> tuple[list[float], list[float]]:
+    """The tenant-dependent part of a classify without HTTP and image noise: `Engine.view` of each tenant
+    in a fresh engine (cold: records read, features loaded from disk), then again (warm)."""
+    from service.config import ServiceConfig
+    from service.engine import Engine
+
+    engine = Engine(ServiceConfig(store=store_dir, backend="torch"), encoder)
+    try:
+        cold, warm = [], []
+        for tenant in tenants:
+            for times in (cold, warm):
+                start = time.perf_counter()
+                engine.view(tenant)
+                times.append((time.perf_counter() - start) * 1e3)
+        return cold, warm
+    finally:
+        engine.batcher.close()
+        engine.decode_pool.close()
+
+
 def tenant_scale(label: str, encoder, pretrained: str, images: list[bytes], base: Path, n: int, args) -> dict:
     """Register `n` tenants, start the server, then: its RSS, a page of the tenant list over HTTP, and
     the cold-tenant overhead (a cold tenant's first classify minus its second, same image)."""
@@ -224,32 +244,42 @@ def tenant_scale(label: str, encoder, pretrained: str, images: list[bytes], base
             pages = [page_ms(None) for _ in range(5)] + [page_ms(middle) for _ in range(5)]
             shared = [classify_ms(t, keys[t]) - classify_ms(t, keys[t]) for t in tenants[1:][-args.cold_tenants:]]
             own = [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()]
+            # the same difference between two warm requests: the noise floor of the two above on this machine
+            noise = [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()]
             rss_after = server_rss(server)
     finally:
         server.stop()
+    view_cold, view_warm = engine_view_ms(encoder, store_dir, list(cold_keys))
     row = {"tenants": n, "register_s": reg_s, "store_reused": reused, "ready_s": ready_s, "rss_ready_mib": rss_ready,
            "rss_after_mib": rss_after, "page_p50_ms": pct(pages, 50), "page_max_ms": max(pages),
            "cold_shared_p50_ms": pct(shared, 50), "cold_shared_p90_ms": pct(shared, 90), "cold_shared_n": len(shared),
-           "cold_own_p50_ms": pct(own, 50), "cold_own_p90_ms": pct(own, 90), "cold_own_n": len(own)}
+           "cold_own_p50_ms": pct(own, 50), "cold_own_p90_ms": pct(own, 90), "cold_own_n": len(own),
+           "warm_noise_p50_ms": pct(noise, 50), "warm_noise_p90_ms": pct(noise, 90),
+           "view_cold_p50_ms": pct(view_cold, 50), "view_warm_p50_ms": pct(view_warm, 50)}
     print(f"d. {n:,} tenants (registered in {reg_s:.0f} s{', store reused' if reused else ''}): ready in {ready_s:.1f} s; server RSS {rss_ready:.0f} MiB "
           f"at ready, {rss_after:.0f} MiB after; a page of 100 tenants over HTTP {row['page_p50_ms']:.1f} ms (p50, "
           f"max {row['page_max_ms']:.1f}); cold-tenant overhead (first classify minus second, same image): "
           f"{row['cold_shared_p50_ms']:.1f} ms p50 / {row['cold_shared_p90_ms']:.1f} ms p90 over {len(shared)} "
           f"tenants of the shared class list, {row['cold_own_p50_ms']:.1f} / {row['cold_own_p90_ms']:.1f} ms over "
-          f"{len(own)} with their own local prompt (features persisted at upload)", flush=True)
+          f"{len(own)} with their own local prompt (features persisted at upload); two warm requests differ by "
+          f"{row['warm_noise_p50_ms']:.1f} / {row['warm_noise_p90_ms']:.1f} ms (noise floor); in-process Engine.view "
+          f"of those tenants: {row['view_cold_p50_ms']:.2f} ms cold, {row['view_warm_p50_ms']:.2f} ms warm (p50)",
+          flush=True)
     return row  # the stores go with the benchmark's folder at the end
 
 
 def print_scale_table(models: list[dict]) -> None:
     print("\n| model | registered tenants | registration | ready | server RSS (ready / after) | page of 100 | "
-          "cold overhead p50 / p90: shared classes | own local prompt |")
-    print("|---|---|---|---|---|---|---|---|")
+          "cold overhead p50 / p90: shared classes | own local prompt | warm-warm noise | Engine.view cold / warm |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in models:
         for row in m.get("d_scale", {}).values():
             print(f"| {m['model']} | {row['tenants']:,} | {row['register_s']:.0f} s | {row['ready_s']:.1f} s | "
                   f"{row['rss_ready_mib']:.0f} / {row['rss_after_mib']:.0f} MiB | {row['page_p50_ms']:.1f} ms | "
                   f"{row['cold_shared_p50_ms']:.1f} / {row['cold_shared_p90_ms']:.1f} ms | "
-                  f"{row['cold_own_p50_ms']:.1f} / {row['cold_own_p90_ms']:.1f} ms |")
+                  f"{row['cold_own_p50_ms']:.1f} / {row['cold_own_p90_ms']:.1f} ms | "
+                  f"{row['warm_noise_p50_ms']:.1f} / {row['warm_noise_p90_ms']:.1f} ms | "
+                  f"{row['view_cold_p50_ms']:.2f} / {row['view_warm_p50_ms']:.2f} ms |")
 
 
 def bench_model(label: str, args, base: Path) -> dict:
