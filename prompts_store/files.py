@@ -46,6 +46,25 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     fsync_dir(path.parent)
 
 
+def create_exclusive(path: Path, data: bytes, tmp_dir: Path | None = None) -> bool:
+    """Like `atomic_write`, but only if `path` does not exist yet (a hard link, which refuses an existing
+    name, puts it in place): False, and nothing changed, when it does."""
+    path = Path(path)
+    tmp = (path.parent if tmp_dir is None else Path(tmp_dir)) / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
 @contextlib.contextmanager
 def locked(folder: Path) -> Iterator[None]:
     """An exclusive `flock` on `<folder>/.lock`: serialises writers across threads and processes."""

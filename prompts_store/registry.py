@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from prompts_store.artifact import TENANT_PATTERN
 from prompts_store.errors import StoreError, UnknownTenant
-from prompts_store.files import TMP_PREFIX, atomic_write, locked
+from prompts_store.files import TMP_PREFIX, atomic_write, create_exclusive, locked
 from prompts_store.keys import hash_key, key_matches, new_key
 from prompts_store.tenant_index import TenantIndex
 from promptfolio.portfolio import check_theta
@@ -101,10 +101,9 @@ class TenantRegistry:
         scope = self._scope(tenant)
         self.tenant_exists_check(tenant)
         self.index.add([tenant], [record.classes])  # before the folder: the index never misses a tenant
-        with locked(scope):
-            if (scope / "tenant.json").exists():
-                raise StoreError(f"tenant {tenant!r} already exists")
-            self._write(scope / "tenant.json", record.model_dump_json(indent=2).encode())
+        scope.mkdir(parents=True, exist_ok=True)
+        if not create_exclusive(scope / "tenant.json", record.model_dump_json(indent=2).encode(), self.tmp_dir):
+            raise StoreError(f"tenant {tenant!r} already exists")  # registered meanwhile (another process)
         return key
 
     def add_tenants(self, tenants: list[tuple[str, list[str], float | None]]) -> dict[str, str]:

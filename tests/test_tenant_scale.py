@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -30,6 +31,15 @@ def flat_store(built, root) -> None:
         os.rename(store.tenant_dir(tenant), root / "tenants" / tenant)
 
 
+def _try_add(store: PromptStore, tenant: str) -> str:
+    try:
+        store.add_tenant(tenant, ["a"])
+        return "registered"
+    except StoreError as e:
+        assert "already exists" in str(e)
+        return "exists"
+
+
 def test_pages_list_every_tenant_once_in_order(tmp_path):
     store = PromptStore(tmp_path, create=True)
     ids = [f"t{i:05d}" for i in range(2500)]
@@ -51,6 +61,12 @@ def test_pages_list_every_tenant_once_in_order(tmp_path):
         store.add_tenants([("t00007", ["a"], None)])
     with pytest.raises(StoreError, match="at least one"):
         store.tenant_page(None, 0)
+
+    outcomes = []  # registrations of one id racing: exactly one wins, the others are told it exists
+    racers = [threading.Thread(target=lambda: outcomes.append(_try_add(store, "racer"))) for _ in range(8)]
+    [t.start() for t in racers]
+    [t.join() for t in racers]
+    assert sorted(outcomes) == ["exists"] * 7 + ["registered"]
 
     store.delete_tenant("t00001")
     assert store.tenant_page("t00000", 2) == ["t00002", "t00003"]
