@@ -17,7 +17,11 @@ from prompts_store.errors import StoreError
 from prompts_store.store import PromptStore
 from prompts_store.tenant_index import flat_tenant_folders, shard
 from promptfolio.prompts import init_context
+from prompts_store.errors import Unservable
+from service import writes
 from service_helpers import ADMIN_KEY, Server, auth
+from test_portfolio import LONG_NAME, SHORT, ctx_of, global_bytes
+from test_portfolio import engine  # noqa: F401 - a fixture
 from test_service import ACME, classify, images_for, local_artifact
 
 
@@ -140,3 +144,17 @@ def test_a_crash_during_migration_loses_no_tenant(tmp_path):
     assert reopened.tenants() == ids
     assert all(reopened.verify_key(t, keys[t]) for t in ids[::97])
     assert reopened.tenant("c2999").theta == 0.3
+
+
+def test_a_global_publish_computes_each_class_list_once_not_each_tenant(engine, embedded_encoder):
+    enc = embedded_encoder
+    engine.store.add_tenants([(f"f{i:04d}", SHORT if i % 2 else ["x", "y"], None) for i in range(1000)])
+    engine.store.add_tenant("cli-added", ["x", LONG_NAME])  # unservable with any global: blocks nothing
+    result = writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 3)))
+    assert result.notes == ["computed its class features for the 2 class list(s) tenants use"]
+    follower = engine.view("f0999")  # never served before: its new global features are ready
+    assert follower.cache_hit and follower.global_version == 1
+    # a global that leaves room for one-token names only breaks the 500 followers with longer ones
+    with pytest.raises(Unservable, match=r"would break 500 tenant\(s\).*f0001: "):
+        writes.publish_global(engine, global_bytes(enc, ctx_of(enc, 4, n_ctx=27)))
+    assert engine.store.current_version(None) == 1
