@@ -19,6 +19,8 @@ from prompts_store.tenant_index import flat_tenant_folders, shard
 from promptfolio.prompts import init_context
 from prompts_store.errors import Unservable
 from service import writes
+from service.config import ServiceConfig
+from service.engine import Engine
 from service_helpers import ADMIN_KEY, Server, auth
 from test_portfolio import LONG_NAME, SHORT, ctx_of, global_bytes
 from test_portfolio import engine  # noqa: F401 - a fixture
@@ -81,44 +83,39 @@ def test_pages_list_every_tenant_once_in_order(tmp_path):
 def test_flat_store_migrates_and_cold_tenants_serve_like_warm(tmp_path, embedded_encoder):
     enc = embedded_encoder
     root = tmp_path / "store"
-    store = PromptStore(tmp_path / "built", enc.fingerprint, enc.text_width, create=True)
-    keys = store.add_tenants([(f"bulk-{i:03d}", ACME, None) for i in range(300)])
-    for i in range(3):
-        keys[f"own-{i}"] = store.add_tenant(f"own-{i}", ACME)
+    built = Engine(ServiceConfig(store=tmp_path / "built", backend="torch"), encoder=enc)
+    keys = built.store.add_tenants([(f"bulk-{i:03d}", ACME, None) for i in range(300)])
+    for i in range(3):  # uploads through the service's write path: their class features are persisted
+        keys[f"own-{i}"] = writes.register(built, f"own-{i}", ACME, None)[0]
         ctx = init_context(enc, n_ctx=4, generator=torch.Generator().manual_seed(i))
-        store.put_bytes(local_artifact(enc, ctx, theta=0.6), f"own-{i}", allow_unpinned=True)
+        writes.upload_local(built, f"own-{i}", local_artifact(enc, ctx, theta=0.6), allow_unpinned=True)
+    built.batcher.close()
     flat_store(tmp_path / "built", root)
-    (root / "tenants" / "own-0" / ".tmp-CURRENT-dead").write_bytes(b"torn")  # an old crash's leftover
     assert len(flat_tenant_folders(root / "tenants")) == 303
+    assert list((root / "tenants" / "own-0" / "features").glob("*.safetensors"))
+    (root / "tenants" / "own-0" / ".tmp-CURRENT-dead").write_bytes(b"torn")  # an old crash's leftover
 
-    images = images_for(ACME, n=2)
-    first = Server(root, tmp_path / "server1.log").start()  # its store opens: the migration runs
+    server = Server(root, tmp_path / "server.log").start()  # its store opens: the migration runs
     try:
         listed, after = [], None
         while True:
-            r = httpx.get(f"{first.url}/v1/tenants", params={"limit": 64, **({"after": after} if after else {})},
+            r = httpx.get(f"{server.url}/v1/tenants", params={"limit": 64, **({"after": after} if after else {})},
                           headers=auth(ADMIN_KEY))
             assert r.status_code == 200, r.text
             listed += r.json()["tenants"]
             if (after := r.json()["next"]) is None:
                 break
         assert listed == sorted(keys)
-        before = {t: classify(first, t, keys[t], images).json() for t in ("own-0", "own-2", "bulk-299")}
-        assert all("predictions" in answer for answer in before.values()), before
-    finally:
-        first.stop()
-    assert flat_tenant_folders(root / "tenants") == []
-    assert not (root / "tenants" / shard("own-0") / "own-0" / ".tmp-CURRENT-dead").exists()
-
-    second = Server(root, tmp_path / "server2.log").start()
-    try:  # cold after the restart: features come from disk and give the same scores as warm
-        for tenant, expected in before.items():
-            cold = classify(second, tenant, keys[tenant], images).json()
-            warm = classify(second, tenant, keys[tenant], images).json()
-            assert cold["predictions"] == warm["predictions"] == expected["predictions"]
+        images = images_for(ACME, n=2)
+        for tenant in ("own-0", "own-2", "bulk-299"):  # cold: features from disk, scores equal to warm
+            cold = classify(server, tenant, keys[tenant], images).json()
+            warm = classify(server, tenant, keys[tenant], images).json()
+            assert "predictions" in cold and cold["predictions"] == warm["predictions"], cold
             assert cold["local_version"] == (1 if tenant.startswith("own") else None)
     finally:
-        second.stop()
+        server.stop()
+    assert flat_tenant_folders(root / "tenants") == []
+    assert not (root / "tenants" / shard("own-0") / "own-0" / ".tmp-CURRENT-dead").exists()
 
 
 MIGRATE = "import sys; from prompts_store.store import PromptStore; PromptStore(sys.argv[1])"
