@@ -73,6 +73,8 @@ class Engine:
         # volume); `promptfolio serve` refuses a missing store unless --init, where a typo is likelier
         self.store = PromptStore(cfg.store, self.encoder.fingerprint, self.encoder.text_width, create=True,
                                  builtin_global_sha256=self.zero_shot_sha256)
+        if self.store.migrated:
+            log.warning("moved %d tenant folders of the old flat layout to tenants/_abc/<id>", self.store.migrated)
         self.recovered_tmp_files = self.store.recover()
         self.cache = FeatureCache(int(cfg.cache_mb * (1 << 20)))
         self.contexts = FeatureCache(16 << 20)  # prompt contexts by content hash (a few KiB each)
