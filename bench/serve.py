@@ -205,10 +205,38 @@ def engine_view_ms(encoder, store_dir: Path, tenants: list[str]) -> tuple[list[f
         engine.decode_pool.close()
 
 
+def measure_tenants(server: Server, keys: dict[str, str], cold_keys: dict[str, str], images: list[bytes], n: int,
+                    cold_count: int) -> dict[str, list[float]]:
+    """Over HTTP: pages of the tenant list, and first-minus-second classify of cold tenants (ms)."""
+    with httpx.Client(timeout=600) as client:
+        def classify_ms(tenant: str, key: str) -> float:
+            begin = time.perf_counter()
+            client.post(f"{server.url}/v1/tenants/{tenant}/classify", headers=auth(key),
+                        files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
+            return (time.perf_counter() - begin) * 1e3
+
+        def page_ms(after: str | None) -> float:
+            begin = time.perf_counter()
+            r = client.get(f"{server.url}/v1/tenants", params={"limit": 100, **({"after": after} if after else {})},
+                           headers=auth(ADMIN_KEY))
+            r.raise_for_status()
+            assert len(r.json()["tenants"]) == 100 or r.json()["next"] is None
+            return (time.perf_counter() - begin) * 1e3
+
+        tenants = list(keys)
+        for _ in range(3):  # the service's own warm-up: encoder, shared global features, threads
+            classify_ms(tenants[0], keys[tenants[0]])
+        middle = f"t{n // 2:07d}" if n > 1 else None
+        return {"pages": [page_ms(None) for _ in range(5)] + [page_ms(middle) for _ in range(5)],
+                "shared": [classify_ms(t, keys[t]) - classify_ms(t, keys[t]) for t in tenants[1:][-cold_count:]],
+                "own": [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()],
+                # the same difference between two warm requests: the noise floor of the two above
+                "noise": [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()]}
+
+
 def tenant_scale(label: str, encoder, pretrained: str, images: list[bytes], base: Path, n: int, args) -> dict:
     """Register `n` tenants, start the server, then: its RSS, a page of the tenant list over HTTP, and
     the cold-tenant overhead (a cold tenant's first classify minus its second, same image)."""
-    arch = MODELS[label][0]
     store_dir = base / f"scale{n}"  # registered once, shared by the models (records name no encoder)
     reused = store_dir.exists()
     store = PromptStore(store_dir, encoder.fingerprint, encoder.text_width, create=True)
@@ -217,55 +245,37 @@ def tenant_scale(label: str, encoder, pretrained: str, images: list[bytes], base
     cold_keys = prepare_cold_tenants(label, encoder, store_dir, args.cold_tenants)
     start = time.perf_counter()
     # the torch image backend: no ONNX export at start (the overhead measured is the tenant's, not the encoder's)
-    server = Server(store_dir, base / f"{label}-scale{n}.log", PROMPTFOLIO_ARCH=arch, PROMPTFOLIO_PRETRAINED=pretrained,
-                    PROMPTFOLIO_BACKEND="torch").start(timeout=600)
+    server = Server(store_dir, base / f"{label}-scale{n}.log", PROMPTFOLIO_ARCH=MODELS[label][0],
+                    PROMPTFOLIO_PRETRAINED=pretrained, PROMPTFOLIO_BACKEND="torch").start(timeout=600)
     ready_s = time.perf_counter() - start
     try:
         rss_ready = server_rss(server)
-        with httpx.Client(timeout=600) as client:
-            def classify_ms(tenant: str, key: str) -> float:
-                begin = time.perf_counter()
-                client.post(f"{server.url}/v1/tenants/{tenant}/classify", headers=auth(key),
-                            files=[("images", ("x.jpg", images[0], "image/jpeg"))]).raise_for_status()
-                return (time.perf_counter() - begin) * 1e3
-
-            def page_ms(after: str | None) -> float:
-                begin = time.perf_counter()
-                r = client.get(f"{server.url}/v1/tenants", params={"limit": 100, **({"after": after} if after else {})},
-                               headers=auth(ADMIN_KEY))
-                r.raise_for_status()
-                assert len(r.json()["tenants"]) == 100 or r.json()["next"] is None
-                return (time.perf_counter() - begin) * 1e3
-
-            tenants = list(keys)
-            for _ in range(3):  # the service's own warm-up: encoder, shared global features, threads
-                classify_ms(tenants[0], keys[tenants[0]])
-            middle = f"t{n // 2:07d}" if n > 1 else None
-            pages = [page_ms(None) for _ in range(5)] + [page_ms(middle) for _ in range(5)]
-            shared = [classify_ms(t, keys[t]) - classify_ms(t, keys[t]) for t in tenants[1:][-args.cold_tenants:]]
-            own = [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()]
-            # the same difference between two warm requests: the noise floor of the two above on this machine
-            noise = [classify_ms(t, k) - classify_ms(t, k) for t, k in cold_keys.items()]
-            rss_after = server_rss(server)
+        ms = measure_tenants(server, keys, cold_keys, images, n, args.cold_tenants)
+        rss_after = server_rss(server)
     finally:
         server.stop()
     view_cold, view_warm = engine_view_ms(encoder, store_dir, list(cold_keys))
     row = {"tenants": n, "register_s": reg_s, "store_reused": reused, "ready_s": ready_s, "rss_ready_mib": rss_ready,
-           "rss_after_mib": rss_after, "page_p50_ms": pct(pages, 50), "page_max_ms": max(pages),
-           "cold_shared_p50_ms": pct(shared, 50), "cold_shared_p90_ms": pct(shared, 90), "cold_shared_n": len(shared),
-           "cold_own_p50_ms": pct(own, 50), "cold_own_p90_ms": pct(own, 90), "cold_own_n": len(own),
-           "warm_noise_p50_ms": pct(noise, 50), "warm_noise_p90_ms": pct(noise, 90),
+           "rss_after_mib": rss_after, "page_p50_ms": pct(ms["pages"], 50), "page_max_ms": max(ms["pages"]),
+           "cold_shared_n": len(ms["shared"]), "cold_own_n": len(ms["own"]),
+           **{f"{kind}_p{q}_ms": pct(ms[source], q) for kind, source in
+              (("cold_shared", "shared"), ("cold_own", "own"), ("warm_noise", "noise")) for q in (50, 90)},
            "view_cold_p50_ms": pct(view_cold, 50), "view_warm_p50_ms": pct(view_warm, 50)}
-    print(f"d. {n:,} tenants (registered in {reg_s:.0f} s{', store reused' if reused else ''}): ready in {ready_s:.1f} s; server RSS {rss_ready:.0f} MiB "
-          f"at ready, {rss_after:.0f} MiB after; a page of 100 tenants over HTTP {row['page_p50_ms']:.1f} ms (p50, "
-          f"max {row['page_max_ms']:.1f}); cold-tenant overhead (first classify minus second, same image): "
-          f"{row['cold_shared_p50_ms']:.1f} ms p50 / {row['cold_shared_p90_ms']:.1f} ms p90 over {len(shared)} "
-          f"tenants of the shared class list, {row['cold_own_p50_ms']:.1f} / {row['cold_own_p90_ms']:.1f} ms over "
-          f"{len(own)} with their own local prompt (features persisted at upload); two warm requests differ by "
-          f"{row['warm_noise_p50_ms']:.1f} / {row['warm_noise_p90_ms']:.1f} ms (noise floor); in-process Engine.view "
-          f"of those tenants: {row['view_cold_p50_ms']:.2f} ms cold, {row['view_warm_p50_ms']:.2f} ms warm (p50)",
-          flush=True)
+    print_scale_row(row)
     return row  # the stores go with the benchmark's folder at the end
+
+
+def print_scale_row(row: dict) -> None:
+    print(f"d. {row['tenants']:,} tenants (registered in {row['register_s']:.0f} s"
+          f"{', store reused' if row['store_reused'] else ''}): ready in {row['ready_s']:.1f} s; server RSS "
+          f"{row['rss_ready_mib']:.0f} MiB at ready, {row['rss_after_mib']:.0f} MiB after; a page of 100 tenants over "
+          f"HTTP {row['page_p50_ms']:.1f} ms (p50, max {row['page_max_ms']:.1f}); cold-tenant overhead (first classify "
+          f"minus second, same image): {row['cold_shared_p50_ms']:.1f} ms p50 / {row['cold_shared_p90_ms']:.1f} ms "
+          f"p90 over {row['cold_shared_n']} tenants of the shared class list, {row['cold_own_p50_ms']:.1f} / "
+          f"{row['cold_own_p90_ms']:.1f} ms over {row['cold_own_n']} with their own local prompt (features persisted "
+          f"at upload); two warm requests differ by {row['warm_noise_p50_ms']:.1f} / {row['warm_noise_p90_ms']:.1f} ms "
+          f"(noise floor); in-process Engine.view of those tenants: {row['view_cold_p50_ms']:.2f} ms cold, "
+          f"{row['view_warm_p50_ms']:.2f} ms warm (p50)", flush=True)
 
 
 def print_scale_table(models: list[dict]) -> None:
