@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from prompts_store.artifact import TENANT_PATTERN
 from prompts_store.errors import StoreError, UnknownTenant
-from prompts_store.files import TMP_PREFIX, atomic_write, create_exclusive, locked
+from prompts_store.files import TMP_PREFIX, atomic_write, create_exclusive, fsync_dir, locked
 from prompts_store.keys import hash_key, key_matches, new_key
 from prompts_store.tenant_index import TenantIndex
 from promptfolio.portfolio import check_theta
@@ -142,6 +143,19 @@ class TenantRegistry:
             raise StoreError(f"{len(clashes)} tenant(s) were registered by someone else meanwhile, e.g. "
                              f"{clashes[:3]}: the others were registered")
         return {record.id: key for record, key in made}
+
+    def delete_tenant(self, tenant: str) -> None:
+        """Remove a tenant: record, key, prompt versions, pointer, features; nothing of others.
+
+        One rename moves the folder into `tmp/` (atomic: the tenant is there or gone), then it is
+        removed and its id leaves the index; a crash in between leaves only what start clears."""
+        scope = self._require_tenant(tenant)
+        trash = self.tmp_dir / f"{TMP_PREFIX}deleted-{tenant}-{secrets.token_hex(4)}"
+        with locked(scope):
+            os.rename(scope, trash)
+        fsync_dir(scope.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+        self.index.remove(tenant)
 
     def tenant(self, tenant: str) -> TenantRecord:
         scope = self._require_tenant(tenant)

@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from prompts_store.artifact import (
     MAX_ARTIFACT_BYTES, ArtifactError, PromptMeta, artifact_bytes, content_sha256, read_artifact,
 )
 from prompts_store.errors import NoStore, StoreError, UnknownGlobal, UnknownTenant  # noqa: F401 - re-exported
-from prompts_store.files import TMP_PREFIX, atomic_write, fsync_dir, locked, remove_temporaries  # noqa: F401
+from prompts_store.files import atomic_write, fsync_dir, locked, remove_temporaries  # noqa: F401
 from prompts_store.keys import hash_key, key_tenant  # noqa: F401 - re-exported
 from prompts_store.layout import open_root
 from prompts_store.pointers import GlobalPointer, Serving, TenantPointer
@@ -111,19 +109,6 @@ class PromptStore(TenantRegistry):
         if everywhere:
             return remove_temporaries(self.root)
         return sum(remove_temporaries(folder) for folder in (self.tmp_dir, self.root / "global"))
-
-    def delete_tenant(self, tenant: str) -> None:
-        """Remove a tenant: record, key, versions, pointer, persisted features; nothing of others.
-
-        One rename moves the folder into `tmp/` (atomic: the tenant is there or gone), then it is
-        removed and its id leaves the index; a crash in between leaves only what start clears."""
-        scope = self._require_tenant(tenant)
-        trash = self.tmp_dir / f"{TMP_PREFIX}deleted-{tenant}-{secrets.token_hex(4)}"
-        with locked(scope):
-            os.rename(scope, trash)
-        fsync_dir(scope.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-        self.index.remove(tenant)
 
     # ---- prompt versions ----------------------------------------------------------------
     def versions(self, tenant: str | None = None) -> list[int]:
