@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +26,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old or the new content, never a mix."""
+def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write `data` to `path` so a reader sees the old or the new content, never a mix.
+
+    The temporary file goes beside `path`, or into `tmp_dir` (on the same file system: the rename
+    stays atomic), which lets a store clear a crash's leftovers from one folder instead of walking
+    every tenant's."""
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
+    tmp = (path.parent if tmp_dir is None else Path(tmp_dir)) / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -39,6 +44,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def create_exclusive(path: Path, data: bytes, tmp_dir: Path | None = None) -> bool:
+    """Like `atomic_write`, but only if `path` does not exist yet (a hard link, which refuses an existing
+    name, puts it in place): False, and nothing changed, when it does."""
+    path = Path(path)
+    tmp = (path.parent if tmp_dir is None else Path(tmp_dir)) / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 @contextlib.contextmanager
@@ -57,6 +81,9 @@ def remove_temporaries(root: Path) -> int:
     """Delete the temporary files a crash left behind under `root`; returns how many."""
     removed = 0
     for tmp in root.glob(f"**/{TMP_PREFIX}*"):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():  # a deleted tenant's folder whose removal a crash interrupted
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -2,10 +2,16 @@
 
     <root>/global/v000001.safetensors ...   immutable versions of the global prompt
     <root>/global/CURRENT                   {"version": N, "sha256": ...}: the global in use
-    <root>/tenants/<id>/tenant.json         class names, θ, sha256 of the API key
-    <root>/tenants/<id>/v000001.safetensors immutable versions of the tenant's local prompt
-    <root>/tenants/<id>/CURRENT             the served pair: local version + pinned global version
+    <root>/tenants/_abc/<id>/tenant.json     class names, θ, sha256 of the API key
+    <root>/tenants/_abc/<id>/v000001.safetensors  immutable versions of the tenant's local prompt
+    <root>/tenants/_abc/<id>/CURRENT         the served pair: local version + pinned global version
+    <root>/tenants/index.sqlite             every tenant id in order, and the class lists in use
     <root>/<scope>/features/                class features persisted by the service, by content
+    <root>/tmp/                             writes in progress (a crash's leftovers are cleared at start)
+
+Tenant folders are fanned out by a hash of the id (`_abc`, see prompts_store/tenant_index.py) so
+that no folder holds more than a few hundred entries at a million tenants, and listed a page at a time
+from the index. A store of the old flat layout (`tenants/<id>/`) is migrated when it is opened.
 
 Why files and not SQLite: a prompt version already is a file, so one rename-based protocol covers
 both, a store is inspectable and backed up with ordinary tools, and each tenant is independent
@@ -25,8 +31,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +50,13 @@ from prompts_store.keys import hash_key, key_tenant  # noqa: F401 - re-exported
 from prompts_store.layout import open_root
 from prompts_store.pointers import GlobalPointer, Serving, TenantPointer
 from prompts_store.registry import TenantRecord, TenantRegistry, validate_tenant_id
+from prompts_store.tenant_index import INDEX_FILE, TenantIndex, migrate_flat_layout, rebuild_index, shard
 
 __all__ = ["PromptStore", "StoredPrompt", "StoreError", "UnknownTenant", "UnknownGlobal", "NoStore",
            "atomic_write", "fsync_dir", "hash_key", "key_tenant", "TenantRecord", "Serving", "TenantPointer"]
 
+META_CACHE_SIZE = 4096  # parsed version metadata kept (a few KiB each)
 VERSION_RE = re.compile(r"^v(\d{6,})\.safetensors$")
-TRASH_DIR = ".trash"  # deleted tenants' folders, moved here in one rename, then removed
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,26 @@ class PromptStore(TenantRegistry):
         self.fingerprint = encoder_fingerprint
         self.width = width
         self.builtin_global_sha256 = builtin_global_sha256  # version 0: the service's zero-shot prompt
+        self._metas: OrderedDict[tuple, PromptMeta] = OrderedDict()  # see meta()
+        self._meta_lock = threading.Lock()
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(exist_ok=True)
+        tenants_dir = self.root / "tenants"
+        lost_index = not (tenants_dir / INDEX_FILE).exists()
+        self.index = TenantIndex(tenants_dir)
+        if lost_index:  # a fanned-out store whose index file went missing: find the folders once
+            rebuild_index(tenants_dir, self.index)
+        self.migrated = migrate_flat_layout(tenants_dir, self.index)  # 0 unless the store predates fan-out
 
     # ---- layout --------------------------------------------------------------------------
     def _scope(self, tenant: str | None) -> Path:
         if tenant is None:
             return self.root / "global"
-        return self.root / "tenants" / validate_tenant_id(tenant)
+        return self.root / "tenants" / shard(validate_tenant_id(tenant)) / tenant
+
+    def tenant_dir(self, tenant: str) -> Path:
+        """The folder holding `tenant`'s record, versions, pointer and features."""
+        return self._scope(tenant)
 
     def _version_path(self, scope: Path, version: int) -> Path:
         return scope / f"v{version:06d}.safetensors"
@@ -81,36 +102,15 @@ class PromptStore(TenantRegistry):
         """Where the service persists the class features of one prompt content for one class list."""
         return self._scope(tenant) / "features" / f"{sha256[:32]}-{classes_digest}-{encoder_tag}.safetensors"
 
-    def recover(self) -> int:
-        """Remove temporary files a crash left behind; returns how many. Call while no writer runs."""
-        return remove_temporaries(self.root) + self._empty_trash()
+    def recover(self, everywhere: bool = False) -> int:
+        """Remove temporary files a crash left behind; returns how many. Call while no writer runs.
 
-    def _empty_trash(self) -> int:
-        trash = self.root / TRASH_DIR
-        if not trash.is_dir():
-            return 0
-        folders = list(trash.iterdir())
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        return len(folders)
-
-    def delete_tenant(self, tenant: str) -> None:
-        """Remove a tenant with its versions, key and persisted features; other tenants are untouched.
-
-        Crash-safe: the tenant's folder leaves `tenants/` in one rename (to `.trash/`, same file
-        system), so at every instant the tenant is either whole and served or gone entirely (its key
-        fails at once); the folder is then removed, and `recover()` finishes a removal a crash cut short.
-        """
-        scope = self._require_tenant(tenant)
-        trash = self.root / TRASH_DIR
-        trash.mkdir(exist_ok=True)
-        with locked(scope):  # waits for a writer of this tenant to finish
-            self._require_tenant(tenant)
-            doomed = trash / f"{tenant}-{secrets.token_hex(6)}"
-            os.rename(scope, doomed)
-            fsync_dir(scope.parent)
-            fsync_dir(trash)
-        shutil.rmtree(doomed, ignore_errors=True)
+        Writes stage their temporaries in `<root>/tmp/`, so clearing that folder (and the global
+        scope, for leftovers of older versions) is enough and costs nothing at any tenant count;
+        `everywhere` walks every tenant folder as well."""
+        if everywhere:
+            return remove_temporaries(self.root)
+        return sum(remove_temporaries(folder) for folder in (self.tmp_dir, self.root / "global"))
 
     # ---- prompt versions ----------------------------------------------------------------
     def versions(self, tenant: str | None = None) -> list[int]:
@@ -120,7 +120,24 @@ class PromptStore(TenantRegistry):
         return sorted(int(m.group(1)) for p in scope.iterdir() if (m := VERSION_RE.match(p.name)))
 
     def meta(self, tenant: str | None, version: int) -> PromptMeta:
-        return self.load(tenant, version).meta
+        """A version's metadata, validated once: versions are immutable, so the parsed metadata is kept
+        per file identity (inode, size, mtime), which a re-created tenant's new files never share."""
+        path = self._version_path(self._scope(tenant), version)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise StoreError(f"version {version} of {'the global prompt' if tenant is None else tenant!r} "
+                             f"does not exist") from None
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._meta_lock:
+            cached = self._metas.get(key)
+        if cached is None:
+            cached = self.load(tenant, version).meta
+            with self._meta_lock:
+                self._metas[key] = cached
+                while len(self._metas) > META_CACHE_SIZE:
+                    self._metas.popitem(last=False)
+        return cached
 
     def load(self, tenant: str | None = None, version: int | None = None) -> StoredPrompt | None:
         """The current (or a given) version, validated against the running encoder; None if none."""
@@ -238,14 +255,14 @@ class PromptStore(TenantRegistry):
             if pin is not None:
                 update["global_version"] = pin  # the store version of the global it was trained with
             stored = meta.model_copy(update=update)
-            atomic_write(self._version_path(scope, version), artifact_bytes(ctx, stored))
+            self._write(self._version_path(scope, version), artifact_bytes(ctx, stored))
             if tenant is None:
                 pointer: GlobalPointer | TenantPointer = GlobalPointer(version=version, sha256=sha)
             else:
                 pointer = TenantPointer(local=version, local_sha256=sha, local_theta=meta.theta,
                                         trained_with_sha256=meta.global_sha256, global_version=pin,
                                         trained_with_version=pin, global_sha256=global_sha)
-            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+            self._write(scope / "CURRENT", pointer.model_dump_json().encode())
         return stored
 
     def _check_fits(self, ctx: torch.Tensor, meta: PromptMeta, kind: str) -> None:
@@ -271,7 +288,7 @@ class PromptStore(TenantRegistry):
             if version not in self.versions(None):
                 raise UnknownVersion(f"global version {version} does not exist (have {self.versions(None)[-10:]})")
             pointer = GlobalPointer(version=version, sha256=self.meta(None, version).content_sha256)
-            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+            self._write(scope / "CURRENT", pointer.model_dump_json().encode())
         return pointer
 
     def set_pointer(self, tenant: str, pointer: TenantPointer) -> TenantPointer:
@@ -279,7 +296,7 @@ class PromptStore(TenantRegistry):
         with locked(scope):
             if pointer.local is not None and pointer.local not in self.versions(tenant):
                 raise UnknownVersion(f"version {pointer.local} of {tenant!r} does not exist")
-            atomic_write(scope / "CURRENT", pointer.model_dump_json().encode())
+            self._write(scope / "CURRENT", pointer.model_dump_json().encode())
         return pointer
 
     def rollback_target(self, tenant: str | None, version: int | None) -> int:

@@ -75,8 +75,11 @@ class Engine:
         # volume); `promptfolio serve` refuses a missing store unless --init, where a typo is likelier
         self.store = PromptStore(cfg.store, self.encoder.fingerprint, self.encoder.text_width, create=True,
                                  builtin_global_sha256=self.zero_shot_sha256)
+        if self.store.migrated:
+            log.warning("moved %d tenant folders of the old flat layout to tenants/_abc/<id>", self.store.migrated)
         self.recovered_tmp_files = self.store.recover()
         self.cache = FeatureCache(int(cfg.cache_mb * (1 << 20)))
+        self.contexts = FeatureCache(16 << 20)  # prompt contexts by content hash (a few KiB each)
         self.encoder_tag = hashlib.sha256(self.encoder.fingerprint.encode()).hexdigest()[:12]
         # one writer at a time inside the service: a write's check and its commit see the same state
         self.write_lock = threading.RLock()
@@ -129,27 +132,34 @@ class Engine:
             if not torch.isfinite(feats).all():
                 raise Unservable(f"its class features are not finite (the context's values, up to "
                                  f"{float(ctx.abs().max()):.3g} in magnitude, overflow the text encoder)")
-            persist(path, feats)
+            persist(path, feats, self.store.tmp_dir)
         self.cache.put(key, feats)
         return feats, False
+
+    def _context(self, tenant: str | None, version: int, sha256: str | None, what: str) -> torch.Tensor:
+        """A stored prompt's context, read and validated once per content (kept by content hash: a global
+        prompt that many class lists need is loaded once, not once per list)."""
+        cached = None if sha256 is None else self.contexts.get(("ctx", sha256))
+        if cached is not None:
+            return cached
+        stored = self.store.load(tenant, version)
+        if sha256 is not None and stored.meta.content_sha256 != sha256:
+            raise StoreError(f"{what} no longer holds the content it was stored with")
+        self.contexts.put(("ctx", stored.meta.content_sha256), stored.ctx)
+        return stored.ctx
 
     def _global_loader(self, serving: Serving) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
             if serving.global_version == 0:
                 return self.zero_shot_ctx
-            stored = self.store.load(None, serving.global_version)
-            if serving.global_sha256 is not None and stored.meta.content_sha256 != serving.global_sha256:
-                raise StoreError(f"global version {serving.global_version} no longer holds the pinned content")
-            return stored.ctx
+            return self._context(None, serving.global_version, serving.global_sha256,
+                                 f"global version {serving.global_version}")
         return load
 
     def _local_loader(self, serving: Serving) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
-            stored = self.store.load(serving.tenant, serving.local_version)
-            if serving.local_sha256 is not None and stored.meta.content_sha256 != serving.local_sha256:
-                raise StoreError(f"local version {serving.local_version} of {serving.tenant!r} no longer holds "
-                                 f"the content it was stored with")
-            return stored.ctx
+            return self._context(serving.tenant, serving.local_version, serving.local_sha256,
+                                 f"local version {serving.local_version} of {serving.tenant!r}")
         return load
 
     def view(self, tenant: str, theta: float | None = None, serving: Serving | None = None,

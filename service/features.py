@@ -7,7 +7,6 @@ the store assigns a version (validate before commit), and a rollback finds it al
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -18,12 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from prompts_store.files import atomic_write
+from prompts_store.tenant_index import classes_digest  # noqa: F401 - the store records class lists by it
 
 log = logging.getLogger("promptfolio.service")
-
-
-def classes_digest(classes: list[str]) -> str:
-    return hashlib.sha256("\x1f".join(classes).encode()).hexdigest()[:16]
 
 
 class FeatureCache:
@@ -81,9 +77,9 @@ def load_persisted(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
     return feats
 
 
-def persist(path: Path, feats: torch.Tensor) -> None:
+def persist(path: Path, feats: torch.Tensor, tmp_dir: Path | None = None) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, save({"features": feats.contiguous()}))
+        atomic_write(path, save({"features": feats.contiguous()}), tmp_dir)
     except OSError as e:  # a read-only store still serves, it just recomputes after restarts
         log.warning("could not persist class features to %s: %s", path, e)

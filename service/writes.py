@@ -6,18 +6,20 @@ anything fails, the write raises a 4xx error naming the problem and nothing was 
 state keeps serving. The engine's write lock makes each check-then-commit atomic inside the
 service (the service runs one worker; the store's file locks order writers across processes).
 
-A global publish or rollback checks every tenant that follows the current global (tenants
-pinned to the global their local prompt was trained with are not affected) and is refused, naming
-the tenants, if any of them could not be served with it.
+A global publish or rollback computes the new global's features for every class list in use (the
+store keeps the list of them) and is refused, naming the tenants, if a tenant that follows the
+current global could not be served with it (tenants pinned to the global their local prompt was
+trained with are not affected). Its cost grows with the distinct class lists, not the tenants.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from prompts_store.artifact import ArtifactError, PromptMeta, read_artifact
 from prompts_store.errors import Unservable
 from prompts_store.pointers import TenantPointer
+from prompts_store.tenant_index import classes_digest
 from service.engine import Engine, TenantView
 
 MAX_NAMED = 5  # tenants named in a refused global publish
@@ -129,32 +131,45 @@ def repin(engine: Engine, tenant: str, global_version: int | None) -> TenantView
         return engine.view(tenant)
 
 
-def _check_followers(engine: Engine, version: int, sha256: str, ctx) -> int:
-    """Compute the new global's features for every tenant that follows the current global. A tenant
-    that cannot be served with the current global either (e.g. registered from the command line,
-    which loads no encoder, with names too long) does not block the change: it is not broken by it."""
-    failures, checked = [], 0
-    for tenant in engine.store.tenants():
-        serving = engine.store.serving(tenant)
-        if serving.pinned:
-            continue
-        preview = replace(serving, global_version=version, global_sha256=sha256,
-                          trained_together=None if serving.local_sha256 is None else
-                          serving.trained_with_sha256 == sha256)
+def _check_followers(engine: Engine, sha256: str, ctx) -> int:
+    """Compute (and persist) the new global's features for every class list tenants use; returns how
+    many lists. A global's features depend on its content and a class list only, so the work grows with
+    the distinct class lists, not the tenants: a million tenants sharing a few lists cost a few text
+    encoder passes, and each follower, cold or warm, finds its features ready (memory or disk).
+
+    Only when a list cannot be served are the tenants read (all of them, once) to find the followers
+    that use it. A tenant that cannot be served with the current global either (e.g. registered from
+    the command line, which loads no encoder, with names too long) does not block the change."""
+    failing: dict[str, str] = {}
+    checked = 0
+    for digest, classes in engine.store.index.class_lists():
         try:
-            engine.view(tenant, serving=preview, global_ctx=ctx)
+            engine.features(None, sha256, classes, lambda: ctx)
             checked += 1
         except Unservable as e:
-            try:
-                engine.view(tenant)
-            except Unservable:
-                continue  # unservable already
-            failures.append(f"{tenant}: {str(e).split(': ', 1)[-1]}")
+            failing[digest] = str(e)
+    failures = [] if not failing else _broken_followers(engine, failing)
     if failures:
         more = f" (and {len(failures) - MAX_NAMED} more)" if len(failures) > MAX_NAMED else ""
         raise Unservable(f"this global prompt would break {len(failures)} tenant(s) that follow the current global, "
                          f"so nothing was changed: {'; '.join(failures[:MAX_NAMED])}{more}")
     return checked
+
+
+def _broken_followers(engine: Engine, failing: dict[str, str]) -> list[str]:
+    """'tenant: reason' for each follower whose class list is in `failing` and that serves today."""
+    broken = []
+    for tenant in engine.store.iter_tenants():
+        serving = engine.store.serving(tenant)
+        reason = failing.get(classes_digest(serving.classes))
+        if serving.pinned or reason is None:
+            continue
+        try:
+            engine.view(tenant)
+        except Unservable:
+            continue  # unservable already
+        broken.append(f"{tenant}: {reason}")
+    return broken
 
 
 def publish_global(engine: Engine, data: bytes) -> WriteResult:
@@ -164,10 +179,9 @@ def publish_global(engine: Engine, data: bytes) -> WriteResult:
         raise ArtifactError("a local prompt cannot be published as the global prompt")
     check_room(engine, meta.n_ctx)
     with engine.write_lock:
-        next_version = max(engine.store.versions(None), default=0) + 1
-        checked = _check_followers(engine, next_version, meta.content_sha256, ctx)
+        checked = _check_followers(engine, meta.content_sha256, ctx)
         stored = engine.store.put(ctx, meta.model_copy(update={"producer": "upload"}), None)
-    return WriteResult(meta=stored, notes=[f"checked {checked} tenant(s) that follow the current global"])
+    return WriteResult(meta=stored, notes=[f"computed its class features for the {checked} class list(s) tenants use"])
 
 
 def rollback_global(engine: Engine, version: int | None) -> int:
@@ -175,6 +189,6 @@ def rollback_global(engine: Engine, version: int | None) -> int:
         target = engine.store.rollback_target(None, version)
         stored = engine.store.load(None, target)
         check_room(engine, stored.meta.n_ctx)
-        _check_followers(engine, target, stored.meta.content_sha256, stored.ctx)
+        _check_followers(engine, stored.meta.content_sha256, stored.ctx)
         engine.store.set_global(target)
     return target

@@ -193,8 +193,7 @@ def test_legacy_store_pointers_still_serve(engine, embedded_encoder):
     writes.register(engine, "old", SHORT, 0.7)
     writes.upload_local(engine, "old", local_bytes(enc, ctx_of(enc, 1)))
     expected = mixed(engine, "old")
-    root = engine.store.root
-    (root / "tenants" / "old" / "CURRENT").write_text("1\n")  # a pointer written before pinning
+    (engine.store.tenant_dir("old") / "CURRENT").write_text("1\n")  # a pointer written before pinning
     engine.cache = type(engine.cache)(1 << 20)
     s = engine.store.serving("old")
     assert (s.local_version, s.pinned, s.global_version) == (1, False, 0)

@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 from promptfolio.embedded import world
 from promptfolio.prompts import init_context
 from prompts_store.artifact import PromptMeta, artifact_bytes, read_artifact
+from prompts_store.store import PromptStore
 from service_helpers import ADMIN_KEY, Server, auth, png_bytes
 
 ACME = ["red circle", "blue star", "green square", "yellow triangle", "purple cross", "orange circle"]
@@ -337,7 +338,7 @@ def test_sigkill_during_uploads_leaves_a_clean_store(tmp_path, embedded_encoder)
         assert set(acknowledged) <= set(info["local_versions"])
         assert info["local_version"] in info["local_versions"]
         assert info["local_version"] >= max(acknowledged)
-        folder = tmp_path / "store" / "tenants" / "crash"
+        folder = PromptStore(tmp_path / "store").tenant_dir("crash")
         for path in folder.glob("v*.safetensors"):
             read_artifact(path.read_bytes(), embedded_encoder.fingerprint, embedded_encoder.text_width)
         assert not list(folder.glob(".tmp-*"))

@@ -118,7 +118,7 @@ def test_versions_rollback_prune_and_pointer(tmp_path):
     assert store.prune("t1", keep=2) == [2]  # the current version 1 is kept
     assert store.versions("t1") == [1, 3, 4]
     # each version file is self-describing: it knows its own version and tenant
-    on_disk, m = read_artifact((tmp_path / "tenants" / "t1" / "v000003.safetensors").read_bytes(), FP, WIDTH)
+    on_disk, m = read_artifact((store.tenant_dir("t1") / "v000003.safetensors").read_bytes(), FP, WIDTH)
     assert torch.equal(on_disk, ctx(2)) and (m.version, m.tenant) == (3, "t1")
     # a global prompt cannot land in a tenant and vice versa
     with pytest.raises(ArtifactError, match="global prompt cannot be stored as the local"):
@@ -131,7 +131,7 @@ def test_tenant_registry_keys_and_validation(tmp_path):
     key = store.add_tenant("acme", ["red circle"])
     assert key_tenant(key) == "acme" and store.verify_key("acme", key)
     assert not store.verify_key("acme", key + "x") and not store.verify_key("ghost", key)
-    record = json.loads((tmp_path / "tenants" / "acme" / "tenant.json").read_text())
+    record = json.loads((store.tenant_dir("acme") / "tenant.json").read_text())
     assert key not in json.dumps(record) and len(record["key_sha256"]) == 64  # only the hash at rest
     for bad in ("../etc", "a/b", "", "UPPER", "x" * 80, ".hidden", "a b"):
         with pytest.raises(StoreError, match="invalid tenant id"):
@@ -174,10 +174,9 @@ def test_recover_removes_crash_leftovers_and_keeps_current(tmp_path):
     store = PromptStore(tmp_path, FP, WIDTH, create=True)
     store.add_tenant("t1", ["x"])
     store.put(ctx(1), meta(), "t1")
-    scope = tmp_path / "tenants" / "t1"
-    # a crash after the temp file was written but before the rename
-    (scope / ".tmp-v000002.safetensors-dead").write_bytes(artifact_bytes(ctx(2), meta())[:50])
-    (scope / ".tmp-CURRENT-dead").write_bytes(b"2")
+    # a crash after the temp file was written but before the rename (writes stage them in tmp/)
+    (tmp_path / "tmp" / ".tmp-v000002.safetensors-dead").write_bytes(artifact_bytes(ctx(2), meta())[:50])
+    (tmp_path / "tmp" / ".tmp-CURRENT-dead").write_bytes(b"2")
     assert PromptStore(tmp_path, FP, WIDTH).recover() == 2
     assert store.current_version("t1") == 1 and torch.equal(store.load("t1").ctx, ctx(1))
     assert store.put(ctx(3), meta(), "t1").version == 2
@@ -188,14 +187,14 @@ def test_delete_is_all_or_nothing_and_touches_no_other_tenant(tmp_path, monkeypa
     keys = {t: store.add_tenant(t, ["red circle", "blue star"]) for t in ("t1", "t2")}
     for t in keys:
         store.put(ctx(1), meta(), t)
-    (tmp_path / "tenants" / "t1" / "features").mkdir()
-    (tmp_path / "tenants" / "t1" / "features" / "f.safetensors").write_bytes(b"x")
-    t2_files = {p: p.read_bytes() for p in (tmp_path / "tenants" / "t2").rglob("*") if p.is_file()}
+    (store.tenant_dir("t1") / "features").mkdir()
+    (store.tenant_dir("t1") / "features" / "f.safetensors").write_bytes(b"x")
+    t2_files = {p: p.read_bytes() for p in store.tenant_dir("t2").rglob("*") if p.is_file()}
 
     # a crash after the rename, before the folder is removed: the tenant is already gone as a whole
-    import prompts_store.store as store_module
+    import prompts_store.registry as registry_module
 
-    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(registry_module.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         store.delete_tenant("t1")
     monkeypatch.undo()
@@ -203,15 +202,15 @@ def test_delete_is_all_or_nothing_and_touches_no_other_tenant(tmp_path, monkeypa
         store.tenant("t1")
     assert not store.verify_key("t1", keys["t1"]) and store.tenants() == ["t2"] and store.versions("t1") == []
     assert store.tenant_page(None, 10) == ["t2"]
-    assert len(list((tmp_path / ".trash").iterdir())) == 1
-    assert store.recover() == 1 and not list((tmp_path / ".trash").iterdir())  # the next start finishes it
+    assert len(list((tmp_path / "tmp").glob("*deleted-t1-*"))) == 1
+    assert store.recover() == 1 and not list((tmp_path / "tmp").iterdir())  # the next start finishes it
     # the id can be registered again and starts from nothing
     store.add_tenant("t1", ["a"])
     assert store.versions("t1") == [] and store.current_version("t1") is None
     store.delete_tenant("t1")
     with pytest.raises(UnknownTenant):
         store.delete_tenant("t1")
-    assert {p: p.read_bytes() for p in (tmp_path / "tenants" / "t2").rglob("*") if p.is_file()} == t2_files
+    assert {p: p.read_bytes() for p in store.tenant_dir("t2").rglob("*") if p.is_file()} == t2_files
     assert store.verify_key("t2", keys["t2"])
 
 
