@@ -82,7 +82,7 @@ class Fuzzer:
         response = case.call(headers=headers, timeout=60)
         self.report.requests += 1
         self.report.statuses[response.status_code] += 1
-        if case.operation.label == f"POST /tenants/{{tenant}}/key" and response.status_code == 200 \
+        if case.operation.label == "POST /tenants/{tenant}/key" and response.status_code == 200 \
                 and case.path_parameters.get("tenant") == FUZZ_TENANT:
             self.tenant_key = response.json()["api_key"]  # the old key stopped working
         try:

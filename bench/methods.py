@@ -38,6 +38,11 @@ def run_one(out: Path, beta: float, shift: str, seed: int, args) -> dict:
     cmd = [sys.executable, "-m", "promptfolio.cli", "train", "--network", "host", "--methods", args.methods,
            "--clients", str(args.clients), "--rounds", str(args.rounds), "--beta", str(beta), "--shift", shift,
            "--seed", str(seed), "--recipe", args.recipe, "--out", str(out)]
+    return run_train(cmd, out)
+
+
+def run_train(cmd: list[str], out: Path) -> dict:
+    """One `promptfolio train` command, its output in `<out>.log`: its metrics.json plus wall seconds."""
     start = time.time()
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)

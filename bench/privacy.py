@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from methods import run_train  # noqa: E402 - bench/methods.py: one training run and its metrics
 from training.simulation import in_private_netns, run_isolated  # noqa: E402
 
 METHODS = "promptfl,promptfolio-0.4,promptfolio-auto,local"
@@ -38,16 +37,7 @@ def run_one(out: Path, noise: float, seed: int, args) -> dict:
            "--images-per-class", str(args.images_per_class), "--seed", str(seed), "--out", str(out)]
     if noise > 0:
         cmd += ["--dp", args.dp, "--dp-noise", str(noise), "--dp-clip-norm", str(args.clip_norm)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{out.name}.log"
-    start = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"run failed ({rc}); see {log}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["wall_seconds"] = time.time() - start
-    return metrics
+    return run_train(cmd, out)
 
 
 def summarise(runs: list[dict], order: list[str]) -> dict:

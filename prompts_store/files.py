@@ -26,6 +26,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _durable_temporary(path: Path, data: bytes, tmp_dir: Path | None) -> Path:
+    """`data` in a new temporary file beside `path` (or in `tmp_dir`), flushed to disk; removed on failure."""
+    tmp = (path.parent if tmp_dir is None else Path(tmp_dir)) / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """Write `data` to `path` so a reader sees the old or the new content, never a mix.
 
@@ -33,12 +47,8 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     stays atomic), which lets a store clear a crash's leftovers from one folder instead of walking
     every tenant's."""
     path = Path(path)
-    tmp = (path.parent if tmp_dir is None else Path(tmp_dir)) / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}"
+    tmp = _durable_temporary(path, data, tmp_dir)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -50,12 +60,8 @@ def create_exclusive(path: Path, data: bytes, tmp_dir: Path | None = None) -> bo
     """Like `atomic_write`, but only if `path` does not exist yet (a hard link, which refuses an existing
     name, puts it in place): False, and nothing changed, when it does."""
     path = Path(path)
-    tmp = (path.parent if tmp_dir is None else Path(tmp_dir)) / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}"
+    tmp = _durable_temporary(path, data, tmp_dir)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.link(tmp, path)
     except FileExistsError:
         return False
