@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> None:
     server = Server(base / "store", base / "server.log", PROMPTFOLIO_ADMISSION_DEADLINE_S=str(args.deadline)).start()
     try:
         keys, classify, uploads = _setup(server, args.tenants)
-        rows, fair, capacity, soak_rows = [], {}, float("nan"), []
+        rows, fair, capacity, soak_rows = [], {}, None, []  # None: not measured (null in the JSON)
         if "overload" in args.parts:
             asyncio.run(closed_loop(server.port, classify, 4, 3.0))  # warm up
             capacity = asyncio.run(closed_loop(server.port, classify, 16, max(10.0, args.seconds / 3)))
@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> None:
         if "soak" in args.parts:
             soak_rows = _soak_run(server, keys, uploads, args)
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"capacity_rps": capacity, "overload": rows, "fairness": fair,
                                                   "soak": soak_rows},
                                                  indent=1))
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.add_argument("--out", default="overload.json")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "runs" / "overload.json"))
     run(parser.parse_args())
     return 0
 

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # file name endings read from image folders, and the decoder formats they stand for
@@ -49,10 +50,24 @@ def shrink_for(img: Image.Image, target: int) -> Image.Image:
     return img
 
 
+# high-depth grey modes (16-bit PNG/TIFF, float TIFF) and the value that maps to white: PIL's own
+# convert("RGB") clips them at 255 (a 16-bit image turns white) and its box reduce refuses them
+HIGH_DEPTH_WHITE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A high-depth grey image scaled to 8-bit grey ("L"); any other image unchanged."""
+    white = HIGH_DEPTH_WHITE.get(img.mode)
+    if white is None:
+        return img
+    scaled = np.asarray(img, dtype=np.float32) * (255.0 / white)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def upright_rgb(img: Image.Image, target: int | None = None) -> Image.Image:
     """The one way every component turns a decoded image into model input pixels: EXIF orientation
     applied (phones store rotation in EXIF, not in pixels), reduced toward `target` when given, RGB."""
-    img = ImageOps.exif_transpose(img)
+    img = to_8bit(ImageOps.exif_transpose(img))
     if target:
         img = shrink_for(img, target)
     return img.convert("RGB")

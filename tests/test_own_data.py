@@ -67,6 +67,22 @@ def test_folder_conventions_nested_empty_corrupt_hidden_and_exif(folder):
     assert [p.endswith("broken.jpg") for p in read.skipped] == [True] and len(read.paths) == 6 * 12 + 1
 
 
+def test_sixteen_bit_and_float_grey_images_keep_their_contrast():
+    """A 16-bit grey PNG (medical and industrial cameras write them) is scaled to 8 bits, not clipped
+    to white (or refused by the box reduce), at full size and reduced toward the encoder's size alike;
+    a float grey PIL image in [0, 1] too."""
+    import numpy as np
+
+    ramp = np.arange(64 * 64, dtype=np.float64).reshape(64, 64) / (64 * 64 - 1)
+    png = io.BytesIO()
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(png, "PNG")
+    for source in (png.getvalue(), Image.fromarray(ramp.astype(np.float32))):
+        for draft in (None, 16):
+            pixels = np.asarray(load_image(source, draft_size=draft), dtype=np.float64)
+            assert pixels.shape[2] == 3 and pixels[0, 0, 0] < 10 and pixels[-1, -1, 0] > 245
+            assert abs(pixels.mean() - 127.5) < 3  # the ramp's mean, not white
+
+
 def test_the_data_plan_round_trips_through_plan_json(folder, tmp_path):
     from training.config import TrainConfig
     from training.data import build_plan
