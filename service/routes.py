@@ -41,13 +41,15 @@ def engine_of(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def as_admin(request: Request, _: Credentials) -> Engine:
+# async: FastAPI runs a sync dependency on its thread pool, a thread hop per request for a check
+# that costs microseconds (the guard has already read the tenant's key record for tenant routes)
+async def as_admin(request: Request, _: Credentials) -> Engine:
     engine = engine_of(request)
     check_admin(engine, presented_key(request.headers))
     return engine
 
 
-def as_tenant(request: Request, tenant: TenantPath, _: Credentials) -> Engine:
+async def as_tenant(request: Request, tenant: TenantPath, _: Credentials) -> Engine:
     """The tenant's own key or the admin key; 401 for a missing/invalid key, 403 for another tenant's."""
     engine = engine_of(request)
     key = presented_key(request.headers)
@@ -56,7 +58,7 @@ def as_tenant(request: Request, tenant: TenantPath, _: Credentials) -> Engine:
     return engine
 
 
-def as_member(request: Request, _: Credentials) -> Engine:
+async def as_member(request: Request, _: Credentials) -> Engine:
     engine = engine_of(request)
     check_member(engine, presented_key(request.headers))
     return engine
