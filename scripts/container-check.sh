@@ -113,6 +113,8 @@ rm -rf "$WORK/train" "$WORK/images"
 promptfolio train --clients 2 --rounds 1 --local-epochs 1 --images-per-class 4 --out "$WORK/train" > "$WORK/train.log" 2>&1 \
   || { tail -20 "$WORK/train.log"; fail "train failed"; }
 LOCAL_PROMPT=$(ls "$WORK"/train/clients/client-0/local-promptfolio*.safetensors | head -1)
+# the global prompt that local prompt was trained with: the service pins the pair, so it is published first
+GLOBAL_PROMPT="$WORK/train/$(basename "$LOCAL_PROMPT" | sed 's/^local-/global-/')"
 python3 scripts/demo_images.py export "$WORK/train" 0 "$WORK/images" 8
 echo "train: $(since "$t")"
 
@@ -161,16 +163,18 @@ print(f"onnxruntime-gpu {ort.__version__} (CUDA {ort.capi.build_and_package_info
 '
 api "GET /v1/info" 200 "$URL/v1/info"
 echo "  device=$(field "d['device']") backend=$(field "d['backend']") providers=$(field "d['providers']")"
+api "publish the global prompt (admin)" 201 -X POST "$URL/v1/global/prompt" \
+  -H "Authorization: Bearer $PROMPTFOLIO_ADMIN_KEY" -F "file=@$GLOBAL_PROMPT"
 CLASSES=$(python3 -c "import json; print(json.dumps(sorted(set(json.load(open('$WORK/images/labels.json')).values()))))")
 api "POST /v1/tenants (admin)" 201 -X POST "$URL/v1/tenants" -H "Authorization: Bearer $PROMPTFOLIO_ADMIN_KEY" \
-  -H 'Content-Type: application/json' -d "{\"id\": \"acme\", \"classes\": $CLASSES}"
+  -H 'Content-Type: application/json' -d "{\"tenant\": \"acme\", \"classes\": $CLASSES}"
 KEY=$(field "d['api_key']")
 IMAGES=(); for f in "$WORK"/images/*.png; do IMAGES+=(-F "images=@$f"); done
 api "classify 8 images (global prompt)" 200 "$URL/v1/tenants/acme/classify" -H "Authorization: Bearer $KEY" "${IMAGES[@]}"
 echo "  local_version=$(field "d['local_version']") theta=$(field "d['theta']") top-1 of the first: $(field "d['predictions'][0]['top'][0]['label']")"
 api "upload local prompt" 201 "$URL/v1/tenants/acme/prompt" -H "Authorization: Bearer $KEY" -F "file=@$LOCAL_PROMPT"
 api "classify 8 images (with local)" 200 "$URL/v1/tenants/acme/classify" -H "Authorization: Bearer $KEY" "${IMAGES[@]}"
-echo "  local_version=$(field "d['local_version']") theta=$(field "d['theta']")"
+echo "  local_version=$(field "d['local_version']") theta=$(field "d['theta']") pinned=$(field "d['pinned']") trained_together=$(field "d['trained_together']")"
 BEFORE=$(field "[p['top'][0]['label'] for p in d['predictions']]")
 for _ in $(seq 90); do [ "$(docker inspect -f '{{.State.Health.Status}}' "$NAME")" = healthy ] && break; sleep 1; done
 echo "health: $(docker inspect -f '{{.State.Health.Status}}' "$NAME")"
