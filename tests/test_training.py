@@ -229,3 +229,25 @@ def test_a_frozen_global_prompt_stays_fixed_while_the_local_prompt_learns(embedd
     updated, losses = local_train(embedded_encoder, prompts, data, g, state, specs, cfg, seed=1, frozen_global=True)
     assert updated == {} and torch.equal(g["promptfolio-0.4"], g_before) and losses["promptfolio-0.4"] > 0
     assert not torch.allclose(state.local["promptfolio-0.4"], start)
+
+
+def test_a_killed_runs_ray_folder_is_removed_by_the_next_run_and_a_live_ones_is_not(tmp_path, monkeypatch):
+    """Ray's temporary folder of a run that was killed (its owner lock free) goes at the next run's
+    start; a running one's (lock held) and a folder without a lock file stay."""
+    import tempfile
+
+    from training.simulation import OWNER_LOCK, RAY_PREFIX, hold_owner_lock, remove_orphaned_ray_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live, killed, unknown = (tmp_path / f"{RAY_PREFIX}{name}" for name in ("live", "killed", "unknown"))
+    for folder in (live, killed, unknown):
+        (folder / "session").mkdir(parents=True)
+    (killed / OWNER_LOCK).touch()  # its owner ended: nobody holds the lock
+    owner = hold_owner_lock(live)
+    try:
+        remove_orphaned_ray_folders()
+        assert live.exists() and unknown.exists() and not killed.exists()
+    finally:
+        owner.close()
+    remove_orphaned_ray_folders()  # the live run ended (lock released): now it goes too
+    assert not live.exists() and unknown.exists()

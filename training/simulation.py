@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from training.config import TrainConfig
@@ -103,6 +104,41 @@ def prepare_plan(cfg: TrainConfig):
     return plan
 
 
+RAY_PREFIX = "pf-ray-"
+OWNER_LOCK = ".promptfolio-owner.lock"
+
+
+def hold_owner_lock(folder: Path):
+    """An flock on a file in `folder`, held while this run lives: the kernel drops it when the process
+    ends, however it ends (a SIGKILLed run cannot remove its folder, but the next run can tell)."""
+    lock = open(folder / OWNER_LOCK, "wb")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def remove_orphaned_ray_folders() -> None:
+    """Remove the Ray folders of earlier runs that ended without cleaning up (killed): those whose
+    owner lock nobody holds. A folder without a lock file (older versions) is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{RAY_PREFIX}*"):
+        try:
+            with open(folder / OWNER_LOCK, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while the owner runs
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_ray_folder(folder: Path, patience_s: float = 5.0) -> None:
+    """Remove Ray's temporary folder; its processes may still be writing session files into it for a
+    moment after the simulation returns (one pass then left the empty folder behind)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
 def simulate(cfg: TrainConfig) -> dict:
     """Plan the data, run all rounds on Flower, write outputs; returns the metrics summary."""
     from training.client_app import make_client_app
@@ -114,9 +150,11 @@ def simulate(cfg: TrainConfig) -> dict:
         bring_loopback_up()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray_tmp = None
+    ray_tmp = owner = None
     if "RAY_TMPDIR" not in os.environ:  # ours to remove when the run ends (Ray leaves its session files)
-        ray_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="pf-ray-")
+        remove_orphaned_ray_folders()
+        ray_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=RAY_PREFIX)
+        owner = hold_owner_lock(Path(ray_tmp))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     prepare_plan(cfg)
     (cfg.out_dir / "config.json").write_text(cfg.to_json() + "\n")
@@ -133,7 +171,8 @@ def simulate(cfg: TrainConfig) -> dict:
                        num_supernodes=cfg.num_clients, backend_config=backend)
     finally:
         if ray_tmp is not None:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+            remove_ray_folder(Path(ray_tmp))
+            owner.close()
     metrics = read_metrics(cfg.out_dir)
     if metrics is None:
         raise TrainingFailed(f"the federated run produced no metrics; see {cfg.out_dir / 'flower.log'}")
