@@ -153,13 +153,16 @@ def key_tenant(key: str | None) -> str | None:
 
 class Client:
     """Synchronous client. `key` is a tenant key (default: $PROMPTFOLIO_KEY), `admin_key` the admin
-    key (default: $PROMPTFOLIO_ADMIN_KEY); `tenant` defaults to the one the tenant key names."""
+    key (default: $PROMPTFOLIO_ADMIN_KEY, read only when no `key` is given: a client built with a
+    tenant key acts as that tenant); `tenant` defaults to the one the tenant key names."""
 
     def __init__(self, url: str = DEFAULT_URL, key: str | None = None, admin_key: str | None = None,
                  tenant: str | None = None, timeout: float = 60.0):
         self.url = normalize_url(url)
         self.key = key if key is not None else os.environ.get("PROMPTFOLIO_KEY") or None
-        self.admin_key = admin_key if admin_key is not None else os.environ.get("PROMPTFOLIO_ADMIN_KEY") or None
+        if admin_key is None and key is None:  # a client given a tenant key stays that tenant's, whatever the env
+            admin_key = os.environ.get("PROMPTFOLIO_ADMIN_KEY") or None
+        self.admin_key = admin_key
         self.tenant = tenant or key_tenant(self.key)
         self.timeout = timeout
         self._http = httpx.Client(base_url=self.url + API_PREFIX, timeout=timeout)
@@ -286,9 +289,12 @@ class Client:
     # ---- plumbing -----------------------------------------------------------------------------
     def _tenant(self, tenant: str | None) -> str:
         tenant = tenant or self.tenant
+        if not tenant and self.key:
+            raise PromptFolioError("the API key does not name a tenant (tenant keys look like pf.<tenant>.<secret>): "
+                                   "check the key, or name the tenant (Python: tenant=; command line: --tenant)")
         if not tenant:
             raise PromptFolioError("which tenant? set PROMPTFOLIO_KEY to the tenant's key (pf.<tenant>.<secret>), "
-                                   "or name the tenant (tenant=, --tenant)")
+                                   "or name the tenant (Python: tenant=; command line: --tenant)")
         return _segment(tenant)
 
     def _tenant_key(self, tenant: str | None) -> str:
@@ -300,13 +306,13 @@ class Client:
             return self.admin_key
         if self.key:
             return self.key  # another tenant's key: the server answers 403 and says so
-        raise PromptFolioError("this call needs the tenant's API key: set PROMPTFOLIO_KEY (or pass key=, "
-                               "--key on the command line), or the admin key")
+        raise PromptFolioError("this call needs the tenant's API key: set PROMPTFOLIO_KEY (Python: key=; "
+                               "command line: --key), or the admin key")
 
     def _admin_key(self) -> str:
         if not self.admin_key:
-            raise PromptFolioError("this call needs the admin key: set PROMPTFOLIO_ADMIN_KEY (or pass admin_key=, "
-                                   "--key on the command line)")
+            raise PromptFolioError("this call needs the admin key: set PROMPTFOLIO_ADMIN_KEY (Python: admin_key=; "
+                                   "command line: --key)")
         return self.admin_key
 
     def _call(self, method: str, path: str, model: type[T], key: str | None, **kwargs: Any) -> T:

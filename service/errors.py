@@ -54,7 +54,14 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def format_validation(errors: list[dict]) -> str:
     """Pydantic's errors as one line: `body.classes.0: String should match pattern ...; ...`."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+    return "; ".join(f"{_where(e)}: {e['msg']}" for e in errors)
+
+
+def _where(error: dict) -> str:
+    """The field an error names; a malformed JSON body is `body` (pydantic puts a character offset there)."""
+    if error.get("type") == "json_invalid":
+        return "body"
+    return ".".join(str(p) for p in error["loc"]) or "body"
 
 
 def store_status(exc: StoreError) -> int:

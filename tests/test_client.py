@@ -191,3 +191,25 @@ def test_contract_pagination(server, admin):
         with pytest.raises(PromptFolioError) as e:
             admin.list_tenants(limit=limit)
         assert e.value.status == 422
+
+
+def test_a_client_given_a_tenant_key_stays_that_tenant_and_a_bad_key_is_named(monkeypatch):
+    """With PROMPTFOLIO_ADMIN_KEY in the environment, a client built with a tenant key does not turn
+    admin behind the user's back; a key that names no tenant is said to be the problem."""
+    monkeypatch.setenv("PROMPTFOLIO_ADMIN_KEY", "admin-in-env")
+    monkeypatch.delenv("PROMPTFOLIO_KEY", raising=False)
+    with pytest.raises(PromptFolioError, match="needs the admin key"):
+        Client("http://127.0.0.1:9", key="pf.acme.secret").list_tenants()  # refused before any request
+    assert Client("http://127.0.0.1:9").admin_key == "admin-in-env"  # an admin client still reads it
+    with pytest.raises(PromptFolioError, match="does not name a tenant"):
+        Client("http://127.0.0.1:9", key="garbage").tenant_info()
+
+
+def test_malformed_json_is_reported_against_the_body_not_a_character_offset():
+    from service.errors import format_validation
+
+    assert format_validation([{"type": "json_invalid", "loc": ("body", 16), "msg": "JSON decode error"}]) \
+        == "body: JSON decode error"
+    assert format_validation([{"type": "json_invalid", "loc": (), "msg": "Invalid JSON: EOF"}]) == "body: Invalid JSON: EOF"
+    assert format_validation([{"type": "missing", "loc": ("body", "classes"), "msg": "Field required"}]) \
+        == "body.classes: Field required"
