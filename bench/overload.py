@@ -270,7 +270,8 @@ def _print_overload(rows: list[dict], args) -> None:
 
 
 def _soak_run(server, keys: dict[str, str], uploads: list[bytes], args) -> list[dict]:
-    """The soak of issue 10 (1 image per request over the tenants, an upload every 5 s, half of capacity)."""
+    """A long steady run: 1 image per request over the tenants at --soak-rate (or --soak-fraction of the
+    measured capacity), a local prompt upload every --soak-upload-every seconds (0: none)."""
     import psutil
 
     from promptfolio.embedded import world
@@ -289,7 +290,8 @@ def _soak_run(server, keys: dict[str, str], uploads: list[bytes], args) -> list[
         return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
 
     print(f"\nsoak: capacity {capacity:.1f} req/s (8 closed-loop clients, 1 image each); {rate:.1f} req/s for "
-          f"{args.soak_minutes} min over {len(keys)} tenants, an upload every {args.soak_upload_every:g} s (0: none)")
+          f"{args.soak_minutes} min over {len(keys)} tenants, "
+          + (f"an upload every {args.soak_upload_every:g} s" if args.soak_upload_every > 0 else "no uploads"))
     print("| minute | requests | admitted p50 / p99 ms | shed | failed (no answer) | other statuses | RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     every = args.soak_upload_every
