@@ -65,6 +65,7 @@ class Plan:
     concurrency: int
     parity_images: int
     decode_images: int
+    onnxruntime: bool = True  # False: torch only (a host whose onnxruntime has no CUDA provider)
 
 
 def parse_args(argv: list[str] | None = None) -> Plan:
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     p.add_argument("--seconds", type=float, default=1.5, help="seconds per throughput cell")
     p.add_argument("--requests", type=int, default=300, help="requests per size (1 and 32 images) and service run")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients for the service")
+    p.add_argument("--backends", default="torch,onnxruntime",
+                   help="encoder backends to check: 'torch,onnxruntime' or 'torch' (for a host whose "
+                        "onnxruntime is the CPU build; the service then runs with PROMPTFOLIO_BACKEND=torch)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every step on the CPU with the embedded model and tiny sizes (checks the script only)")
     a = p.parse_args(argv)
@@ -83,9 +87,13 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         p.error(f"--batches must be comma-separated integers, got {a.batches!r}")
     if not batches or min(batches) < 1 or a.seconds <= 0 or a.requests < 1 or a.concurrency < 1:
         p.error("--batches, --seconds, --requests and --concurrency must be positive")
+    chosen = {v.strip() for v in a.backends.split(",") if v.strip()}
+    if "torch" not in chosen or not chosen <= {"torch", "onnxruntime"}:
+        p.error(f"--backends must be 'torch,onnxruntime' or 'torch', got {a.backends!r}")
+    ort = "onnxruntime" in chosen
     if a.dry_run:
-        return Plan("cpu", "embedded", [1, 4], 0.2, 6, 2, 32, 16)
-    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, 256)
+        return Plan("cpu", "embedded", [1, 4], 0.2, 6, 2, 32, 16, ort)
+    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, 256, ort)
 
 
 def report(ok: bool, what: str) -> bool:
@@ -98,9 +106,11 @@ def build_backends(plan: Plan, enc, base: Path) -> dict[str, object]:
     from service.backends import OnnxImageBackend, TorchImageBackend
 
     providers = "cuda,cpu" if plan.device == "cuda" else "cpu"
-    return {"torch fp32": TorchImageBackend(enc, "fp32"), "torch fp16": TorchImageBackend(enc, "fp16"),
-            "onnxruntime fp32": OnnxImageBackend(enc, base / "onnx", providers, precision="fp32"),
-            "onnxruntime fp16": OnnxImageBackend(enc, base / "onnx", providers, precision="fp16")}
+    built = {"torch fp32": TorchImageBackend(enc, "fp32"), "torch fp16": TorchImageBackend(enc, "fp16")}
+    if plan.onnxruntime:
+        built["onnxruntime fp32"] = OnnxImageBackend(enc, base / "onnx", providers, precision="fp32")
+        built["onnxruntime fp16"] = OnnxImageBackend(enc, base / "onnx", providers, precision="fp16")
+    return built
 
 
 def check_devices(plan: Plan, backends: dict) -> bool:
@@ -108,7 +118,7 @@ def check_devices(plan: Plan, backends: dict) -> bool:
 
     want = "CUDAExecutionProvider" if plan.device == "cuda" else "CPUExecutionProvider"
     ok = True
-    for name in ("onnxruntime fp32", "onnxruntime fp16"):
+    for name in [n for n in backends if n.startswith("onnxruntime")]:
         used = backends[name].session.get_providers()
         ok &= report(used[0] == want, f"1. {name}: session providers {used}")
     half = backends["torch fp16"]
@@ -151,7 +161,7 @@ def check_parity(plan: Plan, enc, backends: dict) -> bool:
     x = torch.randn(16, 3, enc.image_size, enc.image_size, device=plan.device)
     ref = backends["torch fp32"](x)
     print(f"2a. {plan.arch}, random inputs, batch 16, against torch fp32:")
-    for name in ("onnxruntime fp32", "torch fp16", "onnxruntime fp16"):
+    for name in [n for n in ("onnxruntime fp32", "torch fp16", "onnxruntime fp16") if n in backends]:
         cos, diff, _, _ = parity_row(name, backends[name](x), ref)
         if verdict:
             ok &= report(diff <= ORT_FP32_TOL if "fp32" in name else cos >= FP16_MIN_COSINE,
@@ -165,10 +175,12 @@ def check_parity(plan: Plan, enc, backends: dict) -> bool:
         text = encode_classes(tiny, init_context(tiny, phrase="a photo of a"), list(world.CLASS_NAMES)).float().cpu()
     ref = TorchImageBackend(tiny, "fp32")(batch)
     print(f"2b. embedded, {len(images)} world images, {len(world.CLASS_NAMES)} classes, against torch fp32:")
-    providers = "cuda,cpu" if plan.device == "cuda" else "cpu"
-    onnx_dir = backends["onnxruntime fp32"].path.parent.parent
-    for name, backend in (("torch fp16", TorchImageBackend(tiny, "fp16")),
-                          ("onnxruntime fp16", OnnxImageBackend(tiny, onnx_dir, providers, precision="fp16"))):
+    halves = [("torch fp16", TorchImageBackend(tiny, "fp16"))]
+    if plan.onnxruntime:
+        providers = "cuda,cpu" if plan.device == "cuda" else "cpu"
+        onnx_dir = backends["onnxruntime fp32"].path.parent.parent
+        halves.append(("onnxruntime fp16", OnnxImageBackend(tiny, onnx_dir, providers, precision="fp16")))
+    for name, backend in halves:
         cos, _, agree, _ = parity_row(name, backend(batch), ref, text)
         if verdict:
             ok &= report(cos >= FP16_MIN_COSINE and agree >= FP16_MIN_TOP1,
@@ -204,7 +216,7 @@ def throughput_table(plan: Plan, enc, backends: dict) -> dict[str, float]:
             rates[n][b] = throughput(backends[n], b, enc.image_size, plan.seconds, plan.device)
         print(f"| {b} | " + " | ".join(f"{rates[n][b]:.0f}" for n in names) + " |", flush=True)
     probe = 32 if 32 in plan.batches else max(plan.batches)
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16") if plan.onnxruntime else ():
         pick = fastest([backends[f"onnxruntime {precision}"], backends[f"torch {precision}"]], probe,
                        enc.image_size, plan.device)
         print(f"   service backend auto at {precision}, batch {probe}: picks {pick.name}")
@@ -305,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name(0) if plan.device == "cuda" else "CPU (dry run: no GPU verdict)"
     print(f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); onnxruntime {ort.__version__}, "
-          f"available providers {ort.get_available_providers()}", flush=True)
+          f"available providers {ort.get_available_providers()}"
+          + ("" if plan.onnxruntime else "; --backends torch: ONNX Runtime NOT checked"), flush=True)
     base = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     torch.manual_seed(0)
     enc = load_encoder(plan.arch, "embedded" if plan.arch == "embedded" else None, device=plan.device)
@@ -320,11 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     # the dry run forces the GPU path's code (fp16, batched decode) onto the CPU
     forced = {} if plan.device == "cuda" else {"PROMPTFOLIO_PRECISION": "fp16", "PROMPTFOLIO_GPU_DECODE": "on"}
+    if not plan.onnxruntime:
+        forced["PROMPTFOLIO_BACKEND"] = "torch"
     ok &= run_service(plan, base, "defaults", forced, raw)
     if plan.device == "cuda" and time.perf_counter() - t0 > BUDGET_S - 120:
         print(f"   skipped the service with GPU decode off: {time.perf_counter() - t0:.0f} s spent of {BUDGET_S} s")
     elif plan.device == "cuda":  # the CPU decode path is the one every CPU test already serves
-        ok &= run_service(plan, base, "CPU decode", {"PROMPTFOLIO_GPU_DECODE": "off"}, raw)
+        ok &= run_service(plan, base, "CPU decode", {**forced, "PROMPTFOLIO_GPU_DECODE": "off"}, raw)
     print(f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s; logs and stores in {base})")
     return 0 if ok else 1
 

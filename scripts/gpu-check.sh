@@ -32,10 +32,15 @@ if ! { [ -x "$PYTHON" ] || command -v "$PYTHON" >/dev/null; } || ! "$PYTHON" -c 
   .cache/gpu-venv/bin/pip install --quiet ".[gpu,dev]"
   PYTHON=.cache/gpu-venv/bin/python
 fi
-dry_run=0
-for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry_run=1; done
-if [ "$dry_run" = 0 ] && "$PYTHON" -m pip show onnxruntime >/dev/null 2>&1; then
-  echo "gpu-check: $PYTHON has the CPU onnxruntime, which cannot use the GPU and must not sit beside onnxruntime-gpu: $PYTHON -m pip uninstall -y onnxruntime && $PYTHON -m pip install onnxruntime-gpu" >&2
+dry_run=0 torch_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry_run=1 ;;
+    --backends=torch) torch_only=1 ;;
+  esac
+done
+if [ "$dry_run" = 0 ] && [ "$torch_only" = 0 ] && "$PYTHON" -m pip show onnxruntime >/dev/null 2>&1; then
+  echo "gpu-check: $PYTHON has the CPU onnxruntime, which cannot use the GPU and must not sit beside onnxruntime-gpu: $PYTHON -m pip uninstall -y onnxruntime && $PYTHON -m pip install onnxruntime-gpu (or check torch alone: --backends=torch)" >&2
   exit 2
 fi
 export HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true
