@@ -66,6 +66,7 @@ class Plan:
     parity_images: int
     decode_images: int
     onnxruntime: bool = True  # False: torch only (a host whose onnxruntime has no CUDA provider)
+    profile: Path | None = None  # py-spy profiles of the server go here
 
 
 def parse_args(argv: list[str] | None = None) -> Plan:
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     p.add_argument("--backends", default="torch,onnxruntime",
                    help="encoder backends to check: 'torch,onnxruntime' or 'torch' (for a host whose "
                         "onnxruntime is the CPU build; the service then runs with PROMPTFOLIO_BACKEND=torch)")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="write a py-spy profile of the server under the 1-image load into DIR (needs py-spy)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every step on the CPU with the embedded model and tiny sizes (checks the script only)")
     a = p.parse_args(argv)
@@ -92,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         p.error(f"--backends must be 'torch,onnxruntime' or 'torch', got {a.backends!r}")
     ort = "onnxruntime" in chosen
     if a.dry_run:
-        return Plan("cpu", "embedded", [1, 4], 0.2, 6, 2, 32, 16, ort)
-    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, 256, ort)
+        return Plan("cpu", "embedded", [1, 4], 0.2, 6, 2, 32, 16, ort, a.profile)
+    return Plan("cuda", a.arch, batches, a.seconds, a.requests, a.concurrency, 256, 256, ort, a.profile)
 
 
 def report(ok: bool, what: str) -> bool:
@@ -223,37 +226,65 @@ def throughput_table(plan: Plan, enc, backends: dict) -> dict[str, float]:
     return {n: r.get(32, max(r.values())) for n, r in rates.items()}
 
 
-async def load(url: str, key: str, images: list[bytes], per_request: int, requests: int,
-               concurrency: int) -> tuple[float, list[float], int]:
-    """Concurrent clients; returns (images/s, latencies of the successful requests, failed requests)."""
-    import httpx
+async def load(port: int, raw: list[bytes], requests: int, concurrency: int) -> tuple[float, list[float], dict]:
+    """Concurrent clients sending pre-built requests (bench/overload.py's raw sockets: an httpx
+    client in this process costs more CPU per request than the server); returns (requests/s
+    answered 200, their latencies, a count of every other outcome by status or failure)."""
+    from overload import send
 
     latencies: list[float] = []
-    failed = 0
+    other: dict = {}
     counter = iter(range(requests))
 
-    async with httpx.AsyncClient(timeout=120) as client:
-        async def worker():
-            nonlocal failed
-            for i in counter:
-                files = [("images", (f"{i}-{j}.jpg", images[(i + j) % len(images)], "image/jpeg"))
-                         for j in range(per_request)]
-                start = time.perf_counter()
-                r = await client.post(f"{url}/v1/tenants/check/classify", headers={"Authorization": f"Bearer {key}"},
-                                      files=files)
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    failed += 1
+    async def worker():
+        for i in counter:
+            status, seconds, _ = await send(port, raw[i % len(raw)])
+            if status == 200:
+                latencies.append(seconds)
+            else:
+                other[status] = other.get(status, 0) + 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        elapsed = time.perf_counter() - start
-    return len(latencies) * per_request / elapsed, latencies, failed
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return len(latencies) / (time.perf_counter() - start), latencies, other
 
 
-def run_service(plan: Plan, base: Path, label: str, env: dict[str, str], raw: dict[str, float]) -> bool:
-    """One server with `env`; 1-image and 32-image request loads; a table row per size."""
+class Profile:
+    """`py-spy record` of the server (all its processes) while the 1-image load runs, in py-spy's
+    raw format (collapsed stacks, one line per stack with its sample count): where a request's time
+    goes on this machine. Nothing when py-spy is not on PATH."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.proc = None
+
+    def start(self, server, label: str) -> None:
+        import shutil
+        import subprocess
+
+        exe = shutil.which("py-spy")
+        if exe is None:
+            print("   no py-spy on PATH: no profile")
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [exe, "record", "--subprocesses", "--nonblocking", "--rate", "200", "--format", "raw",
+             "--pid", str(server.proc.pid), "-o", str(self.out / f"profile-{label}.txt")],
+            stdout=subprocess.DEVNULL, stderr=open(self.out / f"py-spy-{label}.log", "wb"))
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+            self.proc.wait(60)
+            self.proc = None
+
+
+def run_service(plan: Plan, base: Path, label: str, env: dict[str, str], raw: dict[str, float],
+                profile: Profile | None = None) -> bool:
+    """One server with `env`; 1-image and 32-image request loads; a table row per size. The
+    admission deadline is 30 s: this measures throughput at full concurrency, not shedding."""
     import httpx
     import numpy as np
 
@@ -261,9 +292,10 @@ def run_service(plan: Plan, base: Path, label: str, env: dict[str, str], raw: di
     from service_helpers import ADMIN_KEY, Server
 
     pretrained = "embedded" if plan.arch == "embedded" else "none"
-    server = Server(base / f"store-{label}", base / f"serve-{label}.log", PROMPTFOLIO_ARCH=plan.arch,
+    slug = label.replace(" ", "-")
+    server = Server(base / f"store-{slug}", base / f"serve-{slug}.log", PROMPTFOLIO_ARCH=plan.arch,
                     PROMPTFOLIO_PRETRAINED=pretrained, PROMPTFOLIO_DEVICE=plan.device, PROMPTFOLIO_MAX_BATCH="32",
-                    **env)
+                    PROMPTFOLIO_ADMISSION_DEADLINE_S="30", **env)
     start = time.perf_counter()
     server.start(timeout=240)
     ok = True
@@ -285,18 +317,27 @@ def run_service(plan: Plan, base: Path, label: str, env: dict[str, str], raw: di
             return report(False, f"register a tenant: HTTP {r.status_code} {r.text[:200]}")
         key = r.json()["api_key"]
         from gpu_check_decode import photo_jpegs
+        from overload import multipart, request_bytes
 
         images = photo_jpegs(64)
         ref = raw.get(f"{info['backend']} {info['precision']}", 0.0)
+        port = int(server.url.rsplit(":", 1)[1])
         print("| images/request | requests | images/s | p50 ms | p99 ms | service/raw |\n|---|---|---|---|---|---|")
         for per_request in (1, 32):
-            asyncio.run(load(server.url, key, images, per_request, plan.concurrency, plan.concurrency))  # warm-up
-            speed, lat, failed = asyncio.run(load(server.url, key, images, per_request, plan.requests,
-                                                  plan.concurrency))
+            prebuilt = [request_bytes("/v1/tenants/check/classify", key, *multipart(
+                [images[(i + j) % len(images)] for j in range(per_request)], kind="jpeg")) for i in range(64)]
+            asyncio.run(load(port, prebuilt, plan.concurrency, plan.concurrency))  # warm-up
+            if per_request == 1 and profile is not None:
+                profile.start(server, slug)
+            rps, lat, other = asyncio.run(load(port, prebuilt, plan.requests, plan.concurrency))
+            if per_request == 1 and profile is not None:
+                profile.stop()
             ms = np.percentile(lat, [50, 99]) * 1000 if lat else [float("nan")] * 2
+            speed = rps * per_request
             print(f"| {per_request} | {plan.requests} | {speed:.0f} | {ms[0]:.1f} | {ms[1]:.1f} | "
                   f"{speed / ref if ref else float('nan'):.2f} |", flush=True)
-            ok &= report(failed == 0, f"5. {label}, {per_request}-image requests: {failed} failed")
+            ok &= report(not other, f"5. {label}, {per_request}-image requests: all answered 200"
+                         + (f" (not: {other})" if other else ""))
     finally:
         server.stop()
     return ok
@@ -335,11 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     forced = {} if plan.device == "cuda" else {"PROMPTFOLIO_PRECISION": "fp16", "PROMPTFOLIO_GPU_DECODE": "on"}
     if not plan.onnxruntime:
         forced["PROMPTFOLIO_BACKEND"] = "torch"
-    ok &= run_service(plan, base, "defaults", forced, raw)
+    profile = Profile(plan.profile) if plan.profile is not None else None
+    ok &= run_service(plan, base, "defaults", forced, raw, profile)
     if plan.device == "cuda" and time.perf_counter() - t0 > BUDGET_S - 120:
         print(f"   skipped the service with GPU decode off: {time.perf_counter() - t0:.0f} s spent of {BUDGET_S} s")
     elif plan.device == "cuda":  # the CPU decode path is the one every CPU test already serves
-        ok &= run_service(plan, base, "CPU decode", {**forced, "PROMPTFOLIO_GPU_DECODE": "off"}, raw)
+        ok &= run_service(plan, base, "CPU decode", {**forced, "PROMPTFOLIO_GPU_DECODE": "off"}, raw, profile)
     print(f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f} s; logs and stores in {base})")
     return 0 if ok else 1
 

@@ -98,6 +98,14 @@ def exif_orientation(probed: Probed) -> int:
         return 1
 
 
+def ends_with_eoi(data: bytes) -> bool:
+    """A whole JPEG ends with its EOI marker (FF D9), give or take a little padding. nvJPEG
+    (torchvision 0.26 on an H200) decodes a truncated stream without an error, grey where the data
+    stops, where PIL refuses it: such a file goes to the CPU path, which answers 400. In the
+    entropy-coded data an FF is always followed by 00 or a restart marker, so FF D9 there is EOI."""
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 32)) != -1
+
+
 class GpuJpegDecoder:
     def __init__(self, spec: PreprocessSpec, device: str | torch.device, max_pixels: int):
         self.spec = spec
@@ -110,10 +118,10 @@ class GpuJpegDecoder:
         self.failed_calls = 0  # consecutive calls where the decoder refused every image
         self.disabled = False
 
-    def accepts(self, probed: Probed) -> bool:
+    def accepts(self, probed: Probed, data: bytes) -> bool:
         img, (w, h) = probed.image, probed.full_size  # nvJPEG decodes at full size: bound that
         return (not self.disabled and img is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
-                and 0 < w * h <= self.max_pixels)
+                and 0 < w * h <= self.max_pixels and ends_with_eoi(data))
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 `[3, H, W]` -> normalised float `[3, h, w]`, as the encoder's preprocess makes it."""
@@ -173,7 +181,7 @@ class GpuJpegDecoder:
                      cpu_preprocess, target_size: int) -> torch.Tensor:
         """A request's probed images -> normalised `[n, 3, h, w]` on the device, in request order."""
         out: list[torch.Tensor | None] = [None] * len(probed)
-        gpu = [i for i, p in enumerate(probed) if self.accepts(p)]
+        gpu = [i for i, p in enumerate(probed) if self.accepts(p, images[i][0])]
         for chunk in self._chunks(gpu, probed) if gpu else []:
             results = await pool.run(key, functools.partial(
                 self.decode_batch, [images[i][0] for i in chunk], [exif_orientation(probed[i]) for i in chunk]))

@@ -89,7 +89,7 @@ def test_batched_jpeg_decoder_matches_the_pil_path(embedded_encoder):
     pool = FairPool(2)
     try:
         probed = [image_io.probe(data, name, limits) for data, name in images]
-        routed = [decoder.accepts(p) for p in probed]
+        routed = [decoder.accepts(p, data) for p, (data, _) in zip(probed, images)]
         # CMYK, PNG and a JPEG over the full-size pixel bound go to the CPU decoder
         assert [name for (_, name), ok in zip(images, routed) if not ok] == ["cmyk", "png", "large"]
         batch = asyncio.run(decoder.decode(pool, "t", images, probed, enc.preprocess, enc.image_size))
@@ -107,13 +107,17 @@ def test_batched_jpeg_decoder_matches_the_pil_path(embedded_encoder):
         # the batched decoder reproduces those pixels within rounding
         train = torch.stack([enc.preprocess(load_image(d)) for d, _ in images[:10]])  # those decoded batched
         assert (batch[:10] - train).abs().mean().item() < 0.005
-        # a truncated JPEG is refused by the batched decoder; the CPU path then answers 400
-        data = _jpeg(640, 480, 14)[:3000]
+        # a truncated JPEG never reaches the batched decoder (nvJPEG decodes one without an error,
+        # as seen on an H200); the CPU path answers 400. Trailing bytes after EOI are still accepted.
+        whole = _jpeg(640, 480, 14)
+        data = whole[:3000]
+        assert not decoder.accepts(image_io.probe(data, "t.jpg", limits), data)
+        assert decoder.accepts(image_io.probe(whole, "w.jpg", limits), whole + b"\0" * 16)
         broken = [(data, "truncated.jpg")]
         with pytest.raises(image_io.ImageError, match="truncated.jpg") as err:
             asyncio.run(decoder.decode(pool, "t", broken, [image_io.probe(data, "truncated.jpg", limits)],
                                        enc.preprocess, enc.image_size))
-        assert err.value.status == 400 and decoder.refused == 1
+        assert err.value.status == 400 and decoder.refused == 0
     finally:
         pool.close()
 
@@ -126,9 +130,9 @@ def test_a_decoder_that_refuses_everything_is_switched_off(embedded_encoder):
     assert decoder.decode_batch([good, broken], [1, 1])[1] is None  # one refused: no count
     for _ in range(15):
         decoder.decode_batch([broken], [1])
-    assert not decoder.disabled and decoder.accepts(image_io.probe(good, "g.jpg", limits))
+    assert not decoder.disabled and decoder.accepts(image_io.probe(good, "g.jpg", limits), good)
     decoder.decode_batch([broken], [1])  # the 16th call in a row that refuses everything
-    assert decoder.disabled and not decoder.accepts(image_io.probe(good, "g.jpg", limits))
+    assert decoder.disabled and not decoder.accepts(image_io.probe(good, "g.jpg", limits), good)
 
 
 def test_engine_serves_the_gpu_path_like_the_default_one(embedded_encoder, tmp_path):
