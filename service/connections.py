@@ -14,11 +14,14 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 
 from service.config import ServiceConfig
 
 log = logging.getLogger("promptfolio.service")
-ARRIVED = "promptfolio.arrived"  # scope["state"] key: loop.time() when the request's bytes arrived
+ARRIVED = "promptfolio.arrived"  # scope["state"] key: time.monotonic() when the request's bytes arrived
+# (not loop.time(): uvloop's is libuv's loop time, read once per loop iteration and in whole ms, so
+# a duration measured with it is short by however long the iteration had already run)
 _settings = ServiceConfig()  # replaced by `configure` when the service starts
 
 
@@ -52,11 +55,39 @@ def _reply_and_close(transport: asyncio.Transport, status: int, reason: str, mes
     if transport.is_closing():
         return
     transport.write(head + body)
+    _linger_close(transport)
+
+
+def _linger_close(transport: asyncio.Transport) -> None:
+    """Stop writing, let the caller discard what still arrives, close after LINGER_S."""
     if transport.can_write_eof():
         transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_S, transport.close)
     else:
         transport.close()
+
+
+class _CloseAfterTheBody:
+    """The transport as one request's cycle sees it. uvicorn closes the connection right after an
+    answer sent with `connection: close`; when the app answered without reading the whole body (a
+    refusal: 401, 413, 503), the client is usually still sending, and the kernel would reset the
+    connection under the answer (httpx: ReadError, not the 503). So such a close lingers: the rest
+    of the body is read and discarded for LINGER_S, bounded in time, never buffered."""
+
+    def __init__(self, protocol, transport: asyncio.Transport) -> None:
+        self._protocol, self._transport = protocol, transport
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        if cycle is not None and cycle.more_body and not self._transport.is_closing():
+            self._protocol._refused = True  # data_received discards from now on
+            self._protocol.flow.resume_reading()  # reading may have been paused at the high-water mark
+            _linger_close(self._transport)
+        else:
+            self._transport.close()
 
 
 def install() -> bool:
@@ -129,8 +160,10 @@ def install() -> bool:
         def on_headers_complete(self) -> None:
             idle = _kernel_idle_s(self.transport)  # the admission gate counts the wait before the app
             if idle is not None:
-                self.scope["state"][ARRIVED] = self.loop.time() - idle
+                self.scope["state"][ARRIVED] = time.monotonic() - idle
             super().on_headers_complete()
+            if self.cycle is not None:
+                self.cycle.transport = _CloseAfterTheBody(self, self.transport)
             self._arm(self.cfg.body_timeout_s, "body")
 
         def on_message_complete(self) -> None:
