@@ -18,8 +18,10 @@ refuses work beyond a count or its own expected wait.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import ctypes.util
+import math
 import os
 import threading
 import time
@@ -42,6 +44,41 @@ def name_os_thread(name: str) -> None:
     prctl = getattr(_LIBC, "prctl", None)
     if prctl is not None:
         prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # 15: PR_SET_NAME
+
+
+BACKGROUND_NICE = 10  # the OS priority of work that must yield the CPU to the request path
+
+
+def lower_os_priority(nice: int = BACKGROUND_NICE) -> None:
+    """Run the calling thread at a lower OS priority (Linux: a thread's own nice value; raising it
+    needs no privilege, and it cannot be lowered again without one)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError):
+        pass
+
+
+def background_thread(name: str) -> None:
+    """Initializer of a thread that does background work: named, at a lower OS priority."""
+    name_os_thread(name)
+    lower_os_priority()
+
+
+class RequestClock:
+    """How long a request has waited for others: its age since its bytes arrived (the kernel's
+    record, stamped by service/connections.py) less the time the decode pool spent on its own
+    images. A large request decoding for seconds is working, not waiting; a small one whose image
+    sat behind other tenants' work is waiting."""
+
+    def __init__(self, arrived: float):
+        self.arrived = arrived  # time.monotonic() when the request's bytes arrived
+        self.own_work_s = 0.0  # decode time on the pool, added by its worker threads
+
+    def waited_s(self, now: float) -> float:
+        return max(0.0, now - self.arrived - self.own_work_s)
+
+
+REQUEST_CLOCK: contextvars.ContextVar[RequestClock | None] = contextvars.ContextVar("request_clock", default=None)
 
 
 class Overloaded(RuntimeError):
@@ -91,6 +128,11 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def keys(self) -> int:
+        """Keys with queued items."""
+        return len(self._queues)
+
 
 @dataclass
 class _Task:
@@ -98,14 +140,13 @@ class _Task:
     heavy: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    clock: RequestClock | None = None  # the request's, to which the worker adds the time it ran fn
 
 
 class FairPool:
     """Worker threads that take tasks round-robin between keys. With two or more workers, the last one
     takes light tasks only and the others (which may take heavy ones) run at a lower OS priority, so
     a large decode yields the CPU to the event loop and to small requests."""
-
-    HEAVY_NICE = 10
 
     def __init__(self, workers: int, name: str = "decode"):
         self.workers = workers
@@ -119,7 +160,7 @@ class FairPool:
 
     async def run(self, key: str, fn: Callable[[], T], heavy: bool = False) -> T:
         loop = asyncio.get_running_loop()
-        task = _Task(fn, heavy, loop, loop.create_future())
+        task = _Task(fn, heavy, loop, loop.create_future(), REQUEST_CLOCK.get())
         with self._cond:
             self._queue.put(key, task)
             self._cond.notify_all()
@@ -138,15 +179,15 @@ class FairPool:
     def _work(self, heavy_ok: bool) -> None:
         name_os_thread(threading.current_thread().name)
         if heavy_ok and self.workers > 1:
-            try:  # Linux: a thread's own nice value (raising it needs no privilege)
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.HEAVY_NICE)
-            except (OSError, AttributeError):
-                pass
+            lower_os_priority()
         while (task := self._take(heavy_ok)) is not None:
+            start = time.perf_counter()
             try:
                 result, error = task.fn(), None
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
                 result, error = None, e
+            if task.clock is not None:
+                task.clock.own_work_s += time.perf_counter() - start  # one float add: atomic under the GIL
             task.loop.call_soon_threadsafe(_settle, task.future, result, error)
 
     def close(self) -> None:
@@ -212,6 +253,7 @@ class _Job:
     images: torch.Tensor  # [n, 3, H, W]
     future: asyncio.Future
     queued_at: float = 0.0  # perf_counter when queued
+    clock: RequestClock | None = None  # the request's wait so far, for shedding in the queue
     taken: int = 0  # rows handed to a batch
     parts: list[torch.Tensor] = field(default_factory=list)  # feature rows back, in order
 
@@ -229,6 +271,7 @@ class MicroBatcher:
         self.max_pending = max_pending_images
         self.deadline_s = deadline_s
         self.pending_images = 0
+        self.shed_in_queue = 0  # requests refused at batch formation: they would finish past the deadline
         self.batches = 0
         self.images = 0
         self._queue: FairQueue[_Job] = FairQueue()
@@ -253,8 +296,10 @@ class MicroBatcher:
     def expected_wait_s(self, extra_images: int = 0) -> float:
         return (self.pending_images + extra_images) * self._seconds_per_image
 
-    async def encode(self, images: torch.Tensor, key: str = "") -> torch.Tensor:
-        """`[n, 3, H, W]` -> `[n, D]` features, batched with whatever else is queued (fairly by `key`)."""
+    async def encode(self, images: torch.Tensor, key: str = "", clock: RequestClock | None = None) -> torch.Tensor:
+        """`[n, 3, H, W]` -> `[n, D]` features, batched with whatever else is queued (fairly by `key`).
+        With a `clock`, a request that would finish past the deadline is refused (Overloaded) when
+        its first row would join a batch: see `_late`."""
         wakeup = self._ensure_started()
         n = images.shape[0]
         if self.pending_images + n > self.max_pending:
@@ -265,7 +310,7 @@ class MicroBatcher:
                                                      f"{self.deadline_s:g} s deadline")
         self.pending_images += n
         metrics.queue_depth.set(self.pending_images)
-        job = _Job(images, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = _Job(images, asyncio.get_running_loop().create_future(), time.perf_counter(), clock)
         self._queue.put(key, job)
         self._queued_rows += n
         wakeup.set()
@@ -275,9 +320,13 @@ class MicroBatcher:
         """Up to max_batch rows, one at a time round-robin between keys; (job, start, stop) slices."""
         slices: dict[int, list] = {}
         count = 0
+        now = time.monotonic()
         while count < self.max_batch and (turn := self._queue.turn()) is not None:
             key, job = turn
             n = job.images.shape[0]
+            if job.taken == 0 and self._late(job, now):
+                self._queue.discard_head(key)
+                continue
             if job.taken < n:  # a failed job's rows are skipped
                 piece = slices.setdefault(id(job), [job, job.taken, job.taken])
                 job.taken += 1
@@ -287,6 +336,27 @@ class MicroBatcher:
                 self._queue.discard_head(key)
         self._queued_rows -= count
         return [tuple(piece) for piece in slices.values()]
+
+    def _late(self, job: _Job, now: float) -> bool:
+        """Refuse (503) a job about to start whose wait so far plus the batches it will span (its rows
+        are taken one a turn between the tenants queued) would end past the deadline plus one batch:
+        the admission gate's estimate can be short under saturation, and this bounds what an admitted
+        request waits. Its decoding is lost; nothing of it was encoded."""
+        if self.deadline_s is None or job.clock is None:
+            return False
+        batch_s = self.max_batch * self._seconds_per_image
+        share = max(1, self.max_batch // max(1, self._queue.keys))
+        spans = math.ceil(job.images.shape[0] / share)
+        waited = job.clock.waited_s(now)
+        if waited + (spans - 1) * batch_s <= self.deadline_s:
+            return False
+        self.shed_in_queue += 1
+        if not job.future.done():
+            job.future.set_exception(Overloaded(waited - self.deadline_s + spans * batch_s,
+                                                f"waited {waited:.1f} s in the queue: it would finish past the "
+                                                f"{self.deadline_s:g} s deadline"))
+        self._drop(job)
+        return True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -304,6 +374,8 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             slices = self._take_batch()
+            if not slices:  # every job in turn was refused as late
+                continue
             count = sum(stop - start for _, start, stop in slices)
             parts = [job.images[start:stop] for job, start, stop in slices]
             batch = parts[0] if len(parts) == 1 else torch.cat(parts)

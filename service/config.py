@@ -35,6 +35,8 @@ class ServiceConfig(BaseModel):
     max_pending_images: int = Field(512, ge=1)  # queued images beyond this get 503 + Retry-After
     # a classify request whose expected queue wait exceeds this is shed (503 + Retry-After)
     admission_deadline_s: float = Field(1.0, gt=0, le=600)
+    # Python's gen-0 collection threshold (its default is 700); objects alive at start are frozen
+    gc_threshold: int = Field(10_000, ge=100)
     max_images_per_request: int = Field(64, ge=1)
     max_image_bytes: int = Field(20 << 20, ge=1)
     max_request_bytes: int = Field(64 << 20, ge=1)  # a whole classify body, counted as it streams in

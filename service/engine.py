@@ -16,6 +16,7 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,7 +32,7 @@ from promptfolio.prompts import encode_classes, init_context
 from service import images as image_io
 from service import metrics
 from service.backends import make_backend
-from service.batcher import AdmissionGate, FairPool, MicroBatcher
+from service.batcher import REQUEST_CLOCK, AdmissionGate, FairPool, MicroBatcher, RequestClock, background_thread
 from service.config import ServiceConfig
 from service.features import FeatureCache, classes_digest, load_persisted, persist
 from service.gpu_decode import make_decoder
@@ -89,6 +90,8 @@ class Engine:
         # [B, D] x [D, C] ranking): on more threads its OpenMP workers spin at each one (10-40x the CPU
         # when the cores are busy). The text encoder, off the request path, gets the cores back while it runs.
         self.text_threads = torch.get_num_threads()
+        self.text_worker = ThreadPoolExecutor(1, thread_name_prefix="pf-text", initializer=background_thread,
+                                              initargs=("pf-text",))
         if self.backend.name != "torch":
             torch.set_num_threads(1)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
@@ -111,6 +114,12 @@ class Engine:
         finally:
             torch.set_num_threads(previous)
 
+    def _encode_text(self, ctx: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        """On the text thread, at a lower OS priority: an upload's text encoding (100s of ms of
+        CPU) yields the cores to classify requests instead of stalling them all at once."""
+        with self._text_threads():
+            return encode_classes(self.encoder, ctx, classes).cpu()
+
     def features(self, tenant: str | None, sha256: str, classes: list[str],
                  load_ctx: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """`T(p, classes)` `[C, D]` of the prompt with content `sha256` in `tenant`'s scope (None:
@@ -125,8 +134,7 @@ class Engine:
         if feats is None:
             ctx = load_ctx()
             try:
-                with self._text_threads():
-                    feats = encode_classes(self.encoder, ctx, classes).cpu()
+                feats = self.text_worker.submit(self._encode_text, ctx, classes).result()
             except ValueError as e:  # e.g. class names too long for the context length with this n_ctx
                 raise Unservable(str(e)) from None
             if not torch.isfinite(feats).all():
@@ -191,9 +199,12 @@ class Engine:
 
     # ---- classification -----------------------------------------------------------------
     async def classify(self, tenant: str, images: list[tuple[bytes, str]], top_k: int,
-                       theta: float | None = None) -> Classification:
+                       theta: float | None = None, arrived: float | None = None) -> Classification:
         """Image files `(bytes, name)` -> decode (fairly, bounded per image) -> encode (batched fairly
-        between tenants) -> rank against the tenant's classes."""
+        between tenants) -> rank against the tenant's classes. `arrived`: time.monotonic() when the
+        request's bytes arrived (default: now), from which its wait is measured for shedding."""
+        clock = RequestClock(time.monotonic() if arrived is None else arrived)
+        REQUEST_CLOCK.set(clock)  # this request's task: decode workers add their time to it
         view = await asyncio.to_thread(self.view, tenant, theta)  # a bad θ is a 400 before any decode
         metrics.count_cache(view.cache_hit)
         if self.gpu_decoder is not None:  # service/gpu_decode.py: JPEGs on the GPU, the rest on the CPU
@@ -204,7 +215,7 @@ class Engine:
         else:  # every header checked before decoding; decoded in groups on the fair pool
             pixels = await image_io.decode_request(self.decode_pool, tenant, images, self.image_limits,
                                                    self.preprocess)
-        feats = await self.batcher.encode(pixels, key=tenant)
+        feats = await self.batcher.encode(pixels, key=tenant, clock=clock)
         ranked = self.rank(view, feats, top_k)
         return Classification(tenant=tenant, **view.summary(),
                               predictions=[Prediction(file=name, top=top) for (_, name), top in zip(images, ranked)])

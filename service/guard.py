@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Mapping
 
@@ -22,6 +23,7 @@ from prompts_store.errors import StoreError, UnknownTenant
 from prompts_store.keys import hash_key, key_tenant
 from service import metrics
 from service.batcher import Overloaded
+from service.connections import ARRIVED
 
 if TYPE_CHECKING:
     from service.engine import Engine
@@ -156,8 +158,8 @@ class RequestGuard:
             scope[AUTHORIZED] = (presented_key(headers), access.tenant)
         gate = engine.admission if refusal is None and access.body == "classify" else None
         if gate is not None:
-            arrived = scope.get("state", {}).get("promptfolio.arrived")  # stamped by service/connections.py
-            now = asyncio.get_running_loop().time()
+            arrived = scope.get("state", {}).get(ARRIVED)  # stamped by service/connections.py
+            now = time.monotonic()  # not loop.time(): see ARRIVED
             try:
                 gate.admit(max(0.0, now - arrived) if arrived else 0.0)
             except Overloaded as e:  # shed before the body is read
@@ -167,11 +169,15 @@ class RequestGuard:
             drained = not has_body or await _drain(receive, DRAIN_BYTES, engine.cfg.body_timeout_s)
             await _respond(send, *refusal, close=not drained)
             return
+        status = None
         try:
-            await self._guarded(scope, receive, send, limit)
+            status = await self._guarded(scope, receive, send, limit)
         finally:
             if gate is not None:
-                gate.done(asyncio.get_running_loop().time() - now)
+                end = time.monotonic()
+                gate.done(end - now)
+                if status == 200:
+                    metrics.answered_seconds.observe(end - (arrived or now))
 
     @staticmethod
     def _refusal(engine: Engine, access: Access, headers: dict[str, str],
@@ -187,8 +193,9 @@ class RequestGuard:
             return 413, f"request body exceeds the {limit}-byte limit", None
         return None
 
-    async def _guarded(self, scope, receive, send, limit: int) -> None:
-        received, refused, started = 0, False, False
+    async def _guarded(self, scope, receive, send, limit: int) -> int | None:
+        """The app behind a byte count; returns the status it answered (None: no answer)."""
+        received, refused, started, status = 0, False, False, None
 
         async def counted_receive():
             nonlocal received, refused
@@ -203,10 +210,12 @@ class RequestGuard:
             return message
 
         async def tracked_send(message):
-            nonlocal started
+            nonlocal started, status
             if refused:
                 return  # the app's answer to the cut-off body; ours has gone out
             started = True
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
         try:
@@ -216,6 +225,8 @@ class RequestGuard:
                 raise
         if refused and not started:
             await _respond(send, 413, f"request body exceeds the {limit}-byte limit", None, close=True)
+            return 413
+        return status
 
 
 async def _drain(receive, limit: int, seconds: float) -> bool:

@@ -41,6 +41,10 @@ batch_size = Histogram("promptfolio_batch_size_images", "Images per encoder call
 queue_wait = Histogram("promptfolio_queue_wait_seconds", "From a request's images entering the encoder queue to "
                        "the start of the batch that encodes them (once per request and batch)",
                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+answered_seconds = Histogram("promptfolio_classify_answered_seconds", "Classify requests answered 200: from their "
+                             "bytes arriving (the kernel's record, so the accept queue counts) to the answer "
+                             "written", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.025, 1.05,
+                                                 1.1, 1.2, 1.5, 2, 3, 5, 10, 30, 60))
 encoder_seconds = Histogram("promptfolio_encoder_seconds", "Encoder wall time per batch",
                             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10))
 encoder_cpu = Counter("promptfolio_encoder_cpu_seconds", "CPU time of the thread that calls the encoder (all "

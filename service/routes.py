@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from prompts_store.artifact import TENANT_PATTERN, artifact_bytes
 from service import metrics, writes
 from service import images as image_io
+from service.connections import ARRIVED
 from service.engine import Engine, TenantView
 from service.errors import responses
 from service.guard import AUTHORIZED, APIError, check_admin, check_member, check_tenant, presented_key
@@ -112,7 +113,8 @@ def info(request: Request) -> ServiceInfo:
                   "max_batch": engine.cfg.max_batch},
         admission={"in_flight": admission.in_flight, "shed": admission.shed,
                    "expected_wait_s": round(admission.expected_wait_s(), 3), "deadline_s": admission.deadline_s,
-                   "mean_wait_before_app_s": round(admission.waited_s, 3)})
+                   "mean_wait_before_app_s": round(admission.waited_s, 3),
+                   "shed_in_queue": engine.batcher.shed_in_queue})
 
 
 # ---- admin --------------------------------------------------------------------------------------
@@ -264,7 +266,8 @@ async def classify(request: Request, tenant: TenantPath, engine: TenantEngine) -
         raise APIError(422, "invalid request: body: Field required (images as multipart/form-data or JSON)")
     else:
         raise APIError(415, f"send the images as multipart/form-data or application/json, not {kind!r}")
-    answer = await engine.classify(tenant, images, top_k, theta)
+    arrived = request.scope.get("state", {}).get(ARRIVED)  # stamped by service/connections.py
+    answer = await engine.classify(tenant, images, top_k, theta, arrived)
     metrics.count_classify(tenant, len(images))
     # serialised once by pydantic: returning the model would run FastAPI's encoding pass again (0.7 ms
     # for a 32-image answer); the schema still comes from response_model

@@ -11,6 +11,7 @@ pays for torch, open_clip or the API; the worker builds the REST app and the eng
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import bentoml
@@ -44,6 +45,18 @@ class LazyASGIApp:
 app = LazyASGIApp()
 
 
+def quiet_collector(threshold: int) -> None:
+    """Keep Python's cyclic garbage collector off the latency tail. A worker holds millions of
+    long-lived objects (torch, open_clip, BentoML, the app), and every full collection walked them
+    all: at 120% load, 330 ms pauses every ~3 s (measured with gc.callbacks), which set the p99 of
+    every request caught in one. `gc.freeze()` moves what exists at start out of the collector's
+    view (full collections: 40-80 ms, every ~1.3 s); a first threshold of 10,000 instead of 700
+    makes collections rarer (none of the full ones in a 30 s run; young ones 10-17 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(threshold, *gc.get_threshold()[1:])
+
+
 # No access log line per request (a tenth of a small request's CPU; turn it on with
 # BENTOML_CONFIG_OPTIONS="services.promptfolio.logging.access.enabled=true"), and no tracing spans
 # while no tracing exporter is configured (set tracing.excluded_urls to "" with an exporter).
@@ -69,6 +82,7 @@ class PromptFolio:
         metrics.configure(cfg.tenant_metrics)
         metrics.use_routes(API_PREFIX, api.routes)
         app.app = api
+        quiet_collector(cfg.gc_threshold)
         enc = self.engine.encoder
         log.warning("promptfolio ready: %s (%s) on %s, image backend %s with providers %s, fingerprint %s, "
                     "store %s, %d temporary files recovered", enc.arch, enc.source, enc.device,
@@ -79,6 +93,7 @@ class PromptFolio:
     def shutdown(self) -> None:
         self.engine.batcher.close()
         self.engine.decode_pool.close()
+        self.engine.text_worker.shutdown(wait=False, cancel_futures=True)
 
 
 PromptFolio.add_asgi_middleware(UnroutablePaths)

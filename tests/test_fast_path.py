@@ -12,7 +12,7 @@ from PIL import Image
 from promptfolio.embedded import evaluate, world
 from service.api import create_app
 from service.backends import BackendError, OnnxImageBackend, TorchImageBackend, make_backend, onnx_path
-from service.batcher import MicroBatcher, Overloaded
+from service.batcher import REQUEST_CLOCK, FairPool, MicroBatcher, Overloaded, RequestClock
 from service.config import ServiceConfig
 from service.engine import Engine
 
@@ -58,6 +58,57 @@ def test_batcher_merges_concurrent_requests_and_refuses_overload():
 
     asyncio.run(scenario())
     assert max(calls) > 2
+
+
+def test_a_request_that_would_finish_past_the_deadline_is_shed_in_the_queue():
+    """The admission gate's estimate can be short; a job whose wait so far (age less its own decode
+    work) plus the batches it will span ends past the deadline is refused when it would start,
+    and the others go on (the batcher's loop survives a turn where every job was late)."""
+    def encode(x):
+        time.sleep(0.02)
+        return x.flatten(1)[:, :2]
+
+    async def scenario():
+        now = time.monotonic()
+        batcher = MicroBatcher(encode, max_batch=4, max_wait_ms=1, max_pending_images=64, deadline_s=1.0)
+        fresh = RequestClock(now)
+        stale = RequestClock(now - 1.5)  # waited 1.5 s in the kernel before the app saw it
+        busy = RequestClock(now - 1.5)
+        busy.own_work_s = 1.4  # most of that was its own decoding: it waited 0.1 s
+        results = await asyncio.gather(*[batcher.encode(torch.zeros(n, 1, 1, 2), key=k, clock=c)
+                                         for n, k, c in ((2, "a", fresh), (1, "b", stale), (3, "c", busy))],
+                                       return_exceptions=True)
+        assert isinstance(results[1], Overloaded) and "deadline" in str(results[1])
+        assert results[0].shape == (2, 2) and results[2].shape == (3, 2)
+        assert batcher.shed_in_queue == 1 and batcher.pending_images == 0
+        # only late jobs queued: none encoded, the loop still serves the next request
+        late = await asyncio.gather(*[batcher.encode(torch.zeros(1, 1, 1, 2), key=f"t{i}",
+                                                     clock=RequestClock(time.monotonic() - 2)) for i in range(3)],
+                                    return_exceptions=True)
+        assert all(isinstance(r, Overloaded) for r in late) and batcher.shed_in_queue == 4
+        assert (await batcher.encode(torch.zeros(1, 1, 1, 2), clock=RequestClock(time.monotonic()))).shape == (1, 2)
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_decode_workers_add_their_time_to_the_requests_clock():
+    pool = FairPool(2)
+
+    async def request(seconds: float) -> RequestClock:
+        clock = RequestClock(time.monotonic())
+        REQUEST_CLOCK.set(clock)  # as Engine.classify does, in the request's own task
+        await asyncio.gather(*[pool.run("t", lambda: time.sleep(seconds)) for _ in range(2)])
+        return clock
+
+    async def scenario():
+        return await asyncio.gather(request(0.05), request(0.0))
+
+    try:
+        slow, quick = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert 0.09 <= slow.own_work_s < 0.2 and quick.own_work_s < 0.01  # each request's own work only
 
 
 def test_saturated_service_answers_503_with_retry_after(embedded_encoder, tmp_path):
@@ -110,3 +161,15 @@ def test_cold_tenant_loads_persisted_features_instead_of_encoding(embedded_encod
     monkeypatch.undo()
     again = Engine(cfg, embedded_encoder).view("cold")
     assert torch.allclose(again.t_global, warm.t_global, atol=1e-6)
+
+
+def test_the_worker_freezes_what_exists_at_start_out_of_the_collector():
+    # in a fresh interpreter: gc.freeze() is process-wide
+    import subprocess
+    import sys
+
+    code = ("import gc, service.service as s, torch; s.quiet_collector(10_000); "
+            "print(gc.get_freeze_count(), gc.get_threshold()[0], len(gc.get_objects(generation=2)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    frozen, threshold, left = map(int, out)
+    assert frozen > 50_000 and threshold == 10_000 and left < frozen // 100, out

@@ -84,6 +84,10 @@ def test_batcher_histograms_and_split_into_max_batch_pieces(scraped):
     assert samples(text, "promptfolio_encoder_cpu_seconds_total")[""] > 0
     assert samples(text, "promptfolio_queue_wait_seconds_count") == {"": expected_batches}  # one per request and batch
     assert samples(text, "promptfolio_queue_depth_images") == {"": 0.0}  # all answered
+    # the three classify requests answered 200, timed from their bytes arriving; the 404 is not one
+    assert samples(text, "promptfolio_classify_answered_seconds_count") == {"": len(sent)}
+    answered = samples(text, "promptfolio_classify_answered_seconds_sum")[""]
+    assert 0 < answered < 60
 
 
 def test_route_templates_and_the_per_tenant_setting():
