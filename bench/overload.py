@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import random
@@ -45,13 +46,14 @@ def png(image: np.ndarray | Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def multipart(files: list[bytes], fields: dict[str, str] | None = None, name: str = "images") -> tuple[str, bytes]:
+def multipart(files: list[bytes], fields: dict[str, str] | None = None, name: str = "images",
+              kind: str = "png") -> tuple[str, bytes]:
     boundary = "pf-bench-boundary"
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
              for k, v in (fields or {}).items()]
     for i, data in enumerate(files):
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="i{i}.png"\r\n'
-                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="i{i}.{kind}"\r\n'
+                     f"Content-Type: image/{kind}\r\n\r\n".encode() + data + b"\r\n")
     return f"multipart/form-data; boundary={boundary}", b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
@@ -108,11 +110,24 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, second
     return done / (time.perf_counter() - start)
 
 
+async def loop_lag(lags: list[float], period: float = 0.005) -> None:
+    """How late this process's event loop wakes up: the generator's own scheduling delay, which
+    its latencies include (it shares the cores with the server it saturates)."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(period)
+        lags.append(time.perf_counter() - start - period)
+
+
 async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float, seed: int = 0,
-                    side_requests: list[bytes] | None = None, side_every_s: float = 10.0) -> list[tuple]:
+                    side_requests: list[bytes] | None = None, side_every_s: float = 10.0,
+                    lags: list[float] | None = None) -> list[tuple]:
     """Poisson arrivals at `rate` req/s for `seconds`, whatever the answers take; plus a side request
-    (e.g. an upload) every `side_every_s`."""
+    (e.g. an upload) every `side_every_s`. `lags`: filled with the generator's loop delays."""
     rng = random.Random(seed)
+    lagger = asyncio.create_task(loop_lag(lags)) if lags is not None else None
+    gc.collect()  # the generator's own full collections (100s of ms with thousands of tasks in flight)
+    gc.disable()  # would be added to the latencies it measures
     tasks, start = [], time.perf_counter()
     next_side = start + side_every_s
     t = start
@@ -123,7 +138,32 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
         if side_requests and time.perf_counter() >= next_side:
             next_side += side_every_s
             asyncio.create_task(send(port, rng.choice(side_requests)))
-    return list(await asyncio.gather(*tasks))
+    try:
+        results = list(await asyncio.gather(*tasks))
+    finally:
+        gc.enable()
+    if lagger is not None:
+        lagger.cancel()
+    return results
+
+
+def answered_buckets(port: int) -> dict[float, float]:
+    """The server's own histogram of classify requests answered 200, from their bytes arriving to the
+    answer (promptfolio_classify_answered_seconds): cumulative count per upper bound."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    prefix = 'promptfolio_classify_answered_seconds_bucket{le="'
+    return {float(line[len(prefix):].split('"')[0]): float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Upper bound of the bucket that holds the q-quantile of what was observed between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    return next((b for b, c in zip(bounds, counts) if total and c >= q * total), float("nan"))
 
 
 def overload(port: int, requests: list[bytes], capacity_rps: float, loads: tuple[float, ...] = (0.7, 1.2),
@@ -132,8 +172,13 @@ def overload(port: int, requests: list[bytes], capacity_rps: float, loads: tuple
     rows = []
     for load in loads:
         rate = load * capacity_rps
-        results = asyncio.run(open_loop(port, requests, rate, seconds, side_requests=side_requests))
-        rows.append({"load": load, **summarize(results, rate, seconds)})
+        lags: list[float] = []
+        before = answered_buckets(port)
+        results = asyncio.run(open_loop(port, requests, rate, seconds, side_requests=side_requests, lags=lags))
+        after = answered_buckets(port)
+        rows.append({"load": load, **summarize(results, rate, seconds),
+                     "server_p99_at_most_s": bucket_quantile(before, after, 0.99),
+                     "generator_lag_p99_ms": round(1000 * pct(lags, 99), 1)})
     return rows
 
 
@@ -262,11 +307,13 @@ def main() -> int:
 def _print_overload(rows: list[dict], args) -> None:
     print(f"\nopen loop, {args.seconds:.0f} s each, deadline {args.deadline:g} s, {args.tenants} tenants, "
           "an upload every 10 s")
-    print("| load | offered req/s | requests | admitted p50 / p99 ms | shed | failed (no answer) |")
-    print("|---|---|---|---|---|---|")
+    print("| load | offered req/s | requests | admitted p50 / p99 ms | server's p99 at most | generator lag p99 | "
+          "shed | failed (no answer) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['load']:.0%} | {row['offered_rps']} | {row['requests']} | {row['admitted_p50_ms']} / "
-              f"{row['admitted_p99_ms']} | {row['shed_fraction']:.1%} | {row['failed']} {row['failures']} |")
+              f"{row['admitted_p99_ms']} | {row['server_p99_at_most_s']:g} s | {row['generator_lag_p99_ms']} ms | "
+              f"{row['shed_fraction']:.1%} | {row['failed']} {row['failures']} |")
 
 
 def _soak_run(server, keys: dict[str, str], uploads: list[bytes], args) -> list[dict]:
