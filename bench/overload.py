@@ -158,6 +158,13 @@ def answered_buckets(port: int) -> dict[float, float]:
             for line in text.splitlines() if line.startswith(prefix)}
 
 
+def admission(port: int) -> dict:
+    """The server's admission counters (/v1/info): requests shed at the gate and in the queue."""
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info", timeout=30).read())["admission"]
+
+
 def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
     """Upper bound of the bucket that holds the q-quantile of what was observed between two scrapes."""
     bounds = sorted(after)
@@ -173,12 +180,14 @@ def overload(port: int, requests: list[bytes], capacity_rps: float, loads: tuple
     for load in loads:
         rate = load * capacity_rps
         lags: list[float] = []
-        before = answered_buckets(port)
+        before, gate = answered_buckets(port), admission(port)
         results = asyncio.run(open_loop(port, requests, rate, seconds, side_requests=side_requests, lags=lags))
-        after = answered_buckets(port)
+        after, gate_after = answered_buckets(port), admission(port)
         rows.append({"load": load, **summarize(results, rate, seconds),
                      "server_p99_at_most_s": bucket_quantile(before, after, 0.99),
-                     "generator_lag_p99_ms": round(1000 * pct(lags, 99), 1)})
+                     "generator_lag_p99_ms": round(1000 * pct(lags, 99), 1),
+                     "shed_at_gate": gate_after["shed"] - gate["shed"],
+                     "shed_in_queue": gate_after["shed_in_queue"] - gate["shed_in_queue"]})
     return rows
 
 
@@ -308,12 +317,13 @@ def _print_overload(rows: list[dict], args) -> None:
     print(f"\nopen loop, {args.seconds:.0f} s each, deadline {args.deadline:g} s, {args.tenants} tenants, "
           "an upload every 10 s")
     print("| load | offered req/s | requests | admitted p50 / p99 ms | server's p99 at most | generator lag p99 | "
-          "shed | failed (no answer) |")
+          "shed (at the gate / in the queue) | failed (no answer) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['load']:.0%} | {row['offered_rps']} | {row['requests']} | {row['admitted_p50_ms']} / "
               f"{row['admitted_p99_ms']} | {row['server_p99_at_most_s']:g} s | {row['generator_lag_p99_ms']} ms | "
-              f"{row['shed_fraction']:.1%} | {row['failed']} {row['failures']} |")
+              f"{row['shed_fraction']:.1%} ({row['shed_at_gate']} / {row['shed_in_queue']}) | "
+              f"{row['failed']} {row['failures']} |")
 
 
 def _soak_run(server, keys: dict[str, str], uploads: list[bytes], args) -> list[dict]:
