@@ -115,8 +115,8 @@ class Engine:
             torch.set_num_threads(previous)
 
     def _encode_text(self, ctx: torch.Tensor, classes: list[str]) -> torch.Tensor:
-        """On the text thread, at a lower OS priority: an upload's text encoding (100s of ms of
-        CPU) yields the cores to classify requests instead of stalling them all at once."""
+        """On the text thread, at a lower OS priority (as large decodes run): an upload's or a cold
+        tenant's text encoding yields the cores to classify requests already admitted."""
         with self._text_threads():
             return encode_classes(self.encoder, ctx, classes).cpu()
 
