@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Hashable, TypeVar
 
 import torch
 
@@ -88,42 +88,54 @@ class Overloaded(RuntimeError):
 
 
 class FairQueue(Generic[T]):
-    """Round-robin between keys (tenants), FIFO within a key. Not thread-safe by itself."""
+    """Round-robin between keys (tenants) and, within a key, between its groups (requests); FIFO
+    within a group. Two levels, so a tenant's small request does not wait behind its own large one,
+    and a tenant sending many requests at once gets no larger share than one sending one. Not
+    thread-safe by itself."""
 
     def __init__(self) -> None:
-        self._queues: OrderedDict[str, deque[T]] = OrderedDict()
+        self._queues: OrderedDict[str, OrderedDict[Hashable, deque[T]]] = OrderedDict()
         self._size = 0
 
-    def put(self, key: str, item: T) -> None:
-        self._queues.setdefault(key, deque()).append(item)
+    def put(self, key: str, item: T, group: Hashable = None) -> None:
+        self._queues.setdefault(key, OrderedDict()).setdefault(group, deque()).append(item)
         self._size += 1
 
     def pop(self, allowed: Callable[[T], bool] = lambda item: True) -> T | None:
-        """The head item of the first key (in turn) whose head is allowed; that key goes to the back."""
-        for key, queue in self._queues.items():
-            if allowed(queue[0]):
-                item = queue.popleft()
-                self._queues.move_to_end(key)
-                if not queue:
-                    del self._queues[key]
-                self._size -= 1
-                return item
+        """The head item of the first group, of the first key (in turn), whose head is allowed; that
+        group and that key go to the back."""
+        for key, groups in self._queues.items():
+            for group, queue in groups.items():
+                if allowed(queue[0]):
+                    self._rotate(key, group)
+                    return self._remove_head(key, group)
         return None
 
-    def turn(self) -> tuple[str, T] | None:
-        """The next key in turn and its head item, left in place; the key goes to the back."""
+    def turn(self) -> tuple[str, Hashable, T] | None:
+        """The next key and group in turn and its head item, left in place; both go to the back."""
         if not self._queues:
             return None
-        key, queue = next(iter(self._queues.items()))
-        self._queues.move_to_end(key)
-        return key, queue[0]
+        key, groups = next(iter(self._queues.items()))
+        group, queue = next(iter(groups.items()))
+        self._rotate(key, group)
+        return key, group, queue[0]
 
-    def discard_head(self, key: str) -> None:
-        queue = self._queues[key]
-        queue.popleft()
+    def discard_head(self, key: str, group: Hashable = None) -> None:
+        self._remove_head(key, group)
+
+    def _rotate(self, key: str, group: Hashable) -> None:
+        self._queues[key].move_to_end(group)
+        self._queues.move_to_end(key)
+
+    def _remove_head(self, key: str, group: Hashable) -> T:
+        groups = self._queues[key]
+        item = groups[group].popleft()
+        if not groups[group]:
+            del groups[group]
+            if not groups:
+                del self._queues[key]
         self._size -= 1
-        if not queue:
-            del self._queues[key]
+        return item
 
     def __len__(self) -> int:
         return self._size
@@ -162,7 +174,7 @@ class FairPool:
         loop = asyncio.get_running_loop()
         task = _Task(fn, heavy, loop, loop.create_future(), REQUEST_CLOCK.get())
         with self._cond:
-            self._queue.put(key, task)
+            self._queue.put(key, task, group=task.clock)  # a request is known by its clock
             self._cond.notify_all()
         return await task.future
 
@@ -315,21 +327,21 @@ class MicroBatcher:
         self.pending_images += n
         metrics.queue_depth.set(self.pending_images)
         job = _Job(images, asyncio.get_running_loop().create_future(), time.perf_counter(), clock)
-        self._queue.put(key, job)
+        self._queue.put(key, job, group=clock)
         self._queued_rows += n
         wakeup.set()
         return await job.future
 
     def _take_batch(self) -> list[tuple[_Job, int, int]]:
-        """Up to max_batch rows, one at a time round-robin between keys; (job, start, stop) slices."""
+        """Up to max_batch rows, one at a time round-robin between keys (and a key's requests); (job, start, stop) slices."""
         slices: dict[int, list] = {}
         count = 0
         now = time.monotonic()
         while count < self.max_batch and (turn := self._queue.turn()) is not None:
-            key, job = turn
+            key, group, job = turn
             n = job.images.shape[0]
             if job.taken == 0 and self._late(job, now):
-                self._queue.discard_head(key)
+                self._queue.discard_head(key, group)
                 continue
             if job.taken < n:  # a failed job's rows are skipped
                 piece = slices.setdefault(id(job), [job, job.taken, job.taken])
@@ -337,7 +349,7 @@ class MicroBatcher:
                 piece[2] = job.taken
                 count += 1
             if job.taken >= n:
-                self._queue.discard_head(key)
+                self._queue.discard_head(key, group)
         self._queued_rows -= count
         return [tuple(piece) for piece in slices.values()]
 

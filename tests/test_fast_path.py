@@ -111,6 +111,29 @@ def test_decode_workers_add_their_time_to_the_requests_clock():
     assert 0.09 <= slow.own_work_s < 0.2 and quick.own_work_s < 0.01  # each request's own work only
 
 
+def test_a_tenants_small_request_does_not_wait_behind_its_own_large_one():
+    """The decode pool takes turns between tenants and, within a tenant, between its requests: a
+    small request's light image is not queued behind the same tenant's heavy ones."""
+    async def scenario(pool: FairPool) -> tuple[float, float]:
+        async def request(tasks: int, heavy: bool) -> float:
+            REQUEST_CLOCK.set(RequestClock(time.monotonic()))  # a request is known by its clock
+            start = time.perf_counter()
+            await asyncio.gather(*[pool.run("acme", lambda: time.sleep(0.2), heavy=heavy) for _ in range(tasks)])
+            return time.perf_counter() - start
+
+        large = asyncio.create_task(request(4, heavy=True))
+        await asyncio.sleep(0.05)
+        return await request(1, heavy=False), await large
+
+    for workers, bound in ((2, 0.35), (1, 0.75)):  # a light worker is free / the one worker: a turn or two
+        pool = FairPool(workers)
+        try:
+            small, large = asyncio.run(scenario(pool))
+        finally:
+            pool.close()
+        assert small < bound < large, (workers, small, large)  # was: after all 4 heavy tasks (0.8 s)
+
+
 def test_saturated_service_answers_503_with_retry_after(embedded_encoder, tmp_path):
     cfg = ServiceConfig(store=tmp_path / "store", admin_key="adm", backend="torch", max_pending_images=2,
                         max_wait_ms=1)
