@@ -32,7 +32,8 @@ MULTIPART_SLACK = 64 << 10  # multipart boundaries, part headers and small form 
 # A refusal made before the body is read still reads (and drops) a small body: closing a socket with
 # unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it
 # (seen as connections dropped without a response when bursts were shed). Larger bodies are not read.
-DRAIN_BYTES = 256 << 10  # read for up to the body timeout (a slow sender is a slow client: timed out)
+DRAIN_BYTES = 256 << 10  # a refused body this small is read and dropped: the connection stays usable
+DRAIN_S = 1.0  # for at most this long: a client that declared a body and sends none still gets its answer
 AUTHORIZED = "promptfolio.authorized"  # scope key: (key, tenant) the guard accepted for this request
 
 
@@ -166,7 +167,7 @@ class RequestGuard:
                 refusal = 503, str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}
                 gate = None
         if refusal is not None:
-            drained = not has_body or await _drain(receive, DRAIN_BYTES, engine.cfg.body_timeout_s)
+            drained = not has_body or (_worth_draining(headers) and await _drain(receive, DRAIN_BYTES, DRAIN_S))
             await _respond(send, *refusal, close=not drained)
             return
         status = None
@@ -227,6 +228,17 @@ class RequestGuard:
             await _respond(send, 413, f"request body exceeds the {limit}-byte limit", None, close=True)
             return 413
         return status
+
+
+def _worth_draining(headers: dict[str, str]) -> bool:
+    """Whether to read a refused body before answering (else: answered at once, `Connection: close`,
+    and the close lingers; service/connections.py). Not when the client sent `Expect: 100-continue`
+    (it waits for the answer and sends nothing; reading would tell it to send, 100 Continue), nor
+    when the body is declared larger than DRAIN_BYTES (read only to be dropped)."""
+    if headers.get("expect", "").lower() == "100-continue":
+        return False
+    length = headers.get("content-length")
+    return length is None or (length.isdigit() and int(length) <= DRAIN_BYTES)  # None: chunked
 
 
 async def _drain(receive, limit: int, seconds: float) -> bool:

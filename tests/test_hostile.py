@@ -318,3 +318,36 @@ def test_refusals_before_the_body_never_drop_the_connection(server, keys):
     assert not errors and set(statuses) == {401}, (errors[:3], set(statuses))
     statuses, errors = burst(server.url, keys["acme"], 40, 2 << 10)
     assert not errors and set(statuses) <= {200, 503}, (errors[:3], set(statuses))
+
+
+def answer_to_headers(server, head: bytes, body: bytes = b"") -> tuple[bytes, float]:
+    """Send a request's head (and the start of a body), read the first answer; (its first bytes, seconds)."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(3 * BODY_TIMEOUT)
+        start = time.perf_counter()
+        sock.sendall(head + b"\r\n" + body)
+        return sock.recv(4096), time.perf_counter() - start
+
+
+def test_a_refusal_does_not_wait_for_a_body_it_will_not_read(server, keys):
+    classify_head = (b"POST /v1/tenants/acme/classify HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: multipart/form-data; boundary=XX\r\n")
+    key = b"Authorization: Bearer " + keys["acme"].encode() + b"\r\n"
+    # declared over the limit, nothing sent: 413 at once (was: 408 after the body timeout, as the
+    # refusal first tried to read 256 KiB of a body it would drop)
+    answer, seconds = answer_to_headers(server, classify_head + key + b"Content-Length: 67108865\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower(), answer
+    assert seconds < 0.5, seconds
+    answer, seconds = answer_to_headers(server, classify_head + b"Content-Length: 5000000\r\n", b"--XX\r\n")
+    assert answer.startswith(b"HTTP/1.1 401") and seconds < 0.5, (answer, seconds)
+    # a client waiting for 100 Continue is told the refusal instead (was: 100 Continue, then 401)
+    answer, seconds = answer_to_headers(server, classify_head + b"Expect: 100-continue\r\nContent-Length: 1000\r\n")
+    assert answer.startswith(b"HTTP/1.1 401") and b"100 Continue" not in answer and seconds < 0.5, answer
+    # a small declared body that never comes: answered after a second, not after the body timeout
+    answer, seconds = answer_to_headers(server, b"PATCH /v1/tenants/acme HTTP/1.1\r\nHost: x\r\n"
+                                                b"Content-Type: application/json\r\nContent-Length: 100\r\n")
+    assert answer.startswith(b"HTTP/1.1 401") and seconds < BODY_TIMEOUT, (answer, seconds)
+    # a small body that does come is read and dropped: the connection stays open for the next request
+    with httpx.Client(base_url=server.url) as client:
+        assert client.post("/v1/tenants/acme/classify", content=b"x" * 1000).status_code == 401
+        assert client.get("/v1/info").status_code == 200
