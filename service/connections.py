@@ -11,6 +11,7 @@ subclass, which adds the three limits and takes its keep-alive from ServiceConfi
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import struct
@@ -48,7 +49,7 @@ def _reply_and_close(transport: asyncio.Transport, status: int, reason: str, mes
     """Answer, then half-close: closing a socket with unread request bytes makes the kernel send a
     reset, which can destroy the answer before the client reads it. So stop writing, keep reading
     (the protocol discards what arrives) for LINGER_S, then close."""
-    body = ('{"error": "%s"}' % message).encode()
+    body = json.dumps({"error": message}).encode()
     retry = "retry-after: 1\r\n" if status == 503 else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{retry}connection: close\r\n\r\n").encode()
@@ -123,6 +124,11 @@ def install() -> bool:
             if self.cycle is not None:
                 self.cycle.disconnected = True  # the app, if it still runs, must not write after this answer
             _reply_and_close(self.transport, status, reason, message)
+
+        def send_400_response(self, msg: str) -> None:
+            """What the HTTP parser refuses (a bad chunk size, Content-Length beside chunked, ...):
+            answered in the API's JSON error shape (uvicorn's is text/plain), with the lingering close."""
+            self._refuse(400, "Bad Request", "malformed HTTP request: the HTTP parser refused it")
 
         def data_received(self, data: bytes) -> None:
             if not self._refused:

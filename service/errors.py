@@ -10,9 +10,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from prompts_store.artifact import ArtifactError
@@ -129,6 +130,13 @@ async def _value_error(request: Request, exc: ValueError) -> JSONResponse:  # θ
     return error_response(400, str(exc))
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client closed the connection (or sent what the HTTP parser refused) before its body was
+    read: nobody reads an answer. One log line, not three tracebacks any client could cause at will."""
+    log.info("client went away during the body of %s %s", request.method, request.url.path)
+    return Response(status_code=400)  # never delivered
+
+
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
     """Only a bug gets here: logged with its traceback, answered in the same JSON shape without one."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -145,4 +153,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(ValueError, _value_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _bug)

@@ -351,3 +351,21 @@ def test_a_refusal_does_not_wait_for_a_body_it_will_not_read(server, keys):
     with httpx.Client(base_url=server.url) as client:
         assert client.post("/v1/tenants/acme/classify", content=b"x" * 1000).status_code == 401
         assert client.get("/v1/info").status_code == 200
+
+
+def test_a_client_gone_mid_body_or_malformed_http_costs_no_traceback(server, keys):
+    head = (b"POST /v1/tenants/acme/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + keys["acme"].encode()
+            + b"\r\nContent-Type: multipart/form-data; boundary=XX\r\n")
+    logged = server.log.stat().st_size
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # leaves after a part of its body
+        sock.sendall(head + b"Content-Length: 1000\r\n\r\n--XX\r\n")
+        time.sleep(0.3)
+    answer, _ = answer_to_headers(server, head + b"Transfer-Encoding: chunked\r\n", b"zz\r\n")  # no chunk size
+    assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer, answer
+    assert b'{"error": "malformed HTTP request' in answer, answer  # was: text/plain from uvicorn
+    assert classify(server, "acme", keys["acme"], [png("RGB", 64, 64)]).status_code == 200
+    with open(server.log, "rb") as log:
+        log.seek(logged)
+        new = log.read().decode(errors="replace")
+    # was: three ERROR tracebacks (~270 lines) for each, ClientDisconnect; any client could flood the log
+    assert "Traceback" not in new and "ClientDisconnect" not in new, new[-3000:]
