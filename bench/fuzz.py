@@ -89,7 +89,7 @@ class Fuzzer:
             case.validate_response(response, checks=checks, headers=headers)
         except FailureGroup as group:
             for failure in group.exceptions:
-                if failure.title == "Schema-violating request accepted" and lost_in_query_string(case):
+                if failure.title == "Schema-violating request accepted" and lost_in_serialization(case):
                     self.report.indistinguishable += 1
                     continue
                 self.record(case, failure.title, f"{response.status_code} {response.text[:160]!r} <- "
@@ -125,14 +125,17 @@ class Fuzzer:
             pass
 
 
-def lost_in_query_string(case) -> bool:
-    """A negative case whose invalid part does not survive the query string: the JSON type of a string
-    parameter (`after=0` is also what the valid string "0" sends), or an unknown parameter whose value is
-    empty or null (HTTP clients send nothing for it)."""
+def lost_in_serialization(case) -> bool:
+    """A negative case whose invalid part does not survive the query string or the multipart form: the
+    JSON type of a string parameter (`after=0` is also what the valid string "0" sends), an unknown
+    parameter whose value is empty or null, or a form field whose value is (HTTP clients send nothing
+    for either: `theta=[]` in a form is no theta part at all)."""
     query = case.query or {}
     retyped = any(name in query and not isinstance(query[name], (str, list)) for name in STRING_QUERY_PARAMETERS)
     unsent = any(value in ([], None) for name, value in query.items() if name not in QUERY_PARAMETERS)
-    return retyped or unsent
+    form = case.body if case.media_type == "multipart/form-data" and isinstance(case.body, dict) else {}
+    unsent_field = any(value in ([], None) for value in form.values())
+    return retyped or unsent or unsent_field
 
 
 def register(url: str, admin_key: str) -> str:

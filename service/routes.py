@@ -243,7 +243,7 @@ def repin(tenant: TenantPath, body: Repin, engine: TenantEngine) -> Repinned:
     return Repinned(tenant=tenant, **view.summary(), notes=_pair_warning(view))
 
 
-MULTIPART_SCHEMA = {"type": "object", "required": ["images"], "properties": {
+MULTIPART_SCHEMA = {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
     "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
                "description": "image files (JPEG, PNG, WebP, BMP, GIF)"},
     "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K},
@@ -262,16 +262,21 @@ async def classify(request: Request, tenant: TenantPath, engine: TenantEngine) -
         images, top_k, theta = await _json_images(request, engine)
     elif kind == "multipart/form-data":
         images, top_k, theta = await _form_images(request, engine)
-    elif not kind:
+    elif not kind and not _has_body(request):
         raise APIError(422, "invalid request: body: Field required (images as multipart/form-data or JSON)")
     else:
-        raise APIError(415, f"send the images as multipart/form-data or application/json, not {kind!r}")
+        given = repr(kind) if kind else "a body without a Content-Type"
+        raise APIError(415, f"send the images as multipart/form-data or application/json, not {given}")
     arrived = request.scope.get("state", {}).get(ARRIVED)  # stamped by service/connections.py
     answer = await engine.classify(tenant, images, top_k, theta, arrived)
     metrics.count_classify(tenant, len(images))
     # serialised once by pydantic: returning the model would run FastAPI's encoding pass again (0.7 ms
     # for a 32-image answer); the schema still comes from response_model
     return Response(answer.model_dump_json(), media_type="application/json")
+
+
+def _has_body(request: Request) -> bool:
+    return request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
 
 
 def _check_count(engine: Engine, n: int) -> None:
@@ -304,8 +309,13 @@ async def _form_images(request: Request, engine: Engine) -> tuple[list[tuple[byt
         raise APIError(422, "invalid request: body.images: Field required (one or more image files)")
     if len(files) != len(uploads):
         raise APIError(422, "invalid request: body.images: each 'images' part must be a file")
-    fields = {k: v for k, v in form.multi_items() if k in ("top_k", "theta") and isinstance(v, str)}
-    options = ClassifyForm.model_validate(fields)  # a ValidationError is a 422
+    fields = [(k, v) for k, v in form.multi_items() if k != "images"]
+    names = [k for k, _ in fields]
+    for name, value in fields:
+        if names.count(name) > 1 or not isinstance(value, str):
+            problem = "given more than once" if names.count(name) > 1 else "a value, not a file"
+            raise APIError(422, f"invalid request: body.{name}: {problem}")
+    options = ClassifyForm.model_validate(dict(fields))  # a ValidationError (unknown field too) is a 422
     for i, upload in enumerate(files):
         image_io.check_content_type(upload.content_type, upload.filename or f"image {i}")
     _check_count(engine, len(files))

@@ -94,7 +94,7 @@ class ClassifyJSON(Request):
     theta: Theta | None = Field(None, description=THETA_OVERRIDE)
 
 
-class ClassifyForm(BaseModel):
+class ClassifyForm(Request):
     """The multipart form's fields besides the image files (form values arrive as text)."""
 
     top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)

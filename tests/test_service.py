@@ -166,6 +166,14 @@ def test_bad_input_gets_clear_4xx(server, tenants, embedded_encoder):
     r = classify(server, "acme", acme, [png], theta="1.5")
     assert r.status_code == 422 and "theta: Input should be less than or equal to 1" in r.json()["error"]
     assert classify(server, "acme", acme, [png], top_k="0").status_code == 422
+    # the form is as strict as the JSON body (was: 200, the field ignored or the last value taken)
+    r = classify(server, "acme", acme, [png], topk="2")
+    assert r.status_code == 422 and "topk" in r.json()["error"], r.text
+    r = httpx.post(f"{server.url}/v1/tenants/acme/classify", files=[("images", ("a.png", png, "image/png"))],
+                   data={"top_k": ["1", "2"]}, headers=auth(acme))
+    assert r.status_code == 422 and "top_k: given more than once" in r.json()["error"], r.text
+    r = httpx.post(f"{server.url}/v1/tenants/acme/classify", content=png, headers=auth(acme))  # no Content-Type
+    assert r.status_code == 415 and "without a Content-Type" in r.json()["error"], r.text
     r = classify(server, "nobody", ADMIN_KEY, [png])
     assert r.status_code == 404 and "unknown tenant" in r.json()["error"]
     r = classify(server, "..%2Fetc", ADMIN_KEY, [png])
