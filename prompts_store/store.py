@@ -322,7 +322,9 @@ class PromptStore(TenantRegistry):
         """The tenant's current local prompt served with `global_version` (None: follow the current)."""
         current = self.tenant_pointer(tenant)
         if global_version is not None and global_version != 0 and global_version not in self.versions(None):
-            raise UnknownVersion(f"global version {global_version} does not exist (have {self.versions(None)[-10:]})")
+            published = self.versions(None)[-10:] or "none"
+            raise UnknownVersion(f"global version {global_version} does not exist (published: {published}; "
+                                 f"0 is the built-in hand prompt)")
         sha = None if global_version is None else self.global_sha(global_version)
         return current.model_copy(update={"global_version": global_version, "global_sha256": sha,
                                           "repinned": global_version is None or sha != current.trained_with_sha256})

@@ -109,6 +109,8 @@ def install() -> bool:
             self.timeout_keep_alive = self.cfg.keep_alive_s
             self._read_timer: asyncio.TimerHandle | None = None
             self._refused = False  # answered by the protocol itself: what still arrives is discarded
+            self._silent = True  # no byte received yet
+            self._opened = time.monotonic()
 
         def _arm(self, seconds: float, what: str) -> None:
             self._disarm()
@@ -120,6 +122,7 @@ def install() -> bool:
                 self._read_timer = None
 
         def _refuse(self, status: int, reason: str, message: str) -> None:
+            self._disarm()
             self._refused = True
             if self.cycle is not None:
                 self.cycle.disconnected = True  # the app, if it still runs, must not write after this answer
@@ -131,6 +134,7 @@ def install() -> bool:
             self._refuse(400, "Bad Request", "malformed HTTP request: the HTTP parser refused it")
 
         def data_received(self, data: bytes) -> None:
+            self._silent = False
             if not self._refused:
                 super().data_received(data)
 
@@ -146,18 +150,29 @@ def install() -> bool:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            cfg = self.cfg
-            if len(self.connections) > cfg.max_connections:
-                for other in [c for c in self.connections if c is not self and getattr(c, "_idle", None)]:
-                    if other._idle():
-                        other.transport.close()
-                        self.connections.discard(other)
-                        if len(self.connections) <= cfg.max_connections:
-                            break
-            if len(self.connections) > cfg.max_connections:
+            if len(self.connections) > self.cfg.max_connections:
+                self._make_room()
+            if len(self.connections) > self.cfg.max_connections:
                 self._refuse(503, "Service Unavailable", "too many open connections")
                 return
-            self._arm(cfg.header_timeout_s, "headers")  # also bounds a connection that sends nothing
+            self._arm(self.cfg.header_timeout_s, "headers")  # also bounds a connection that sends nothing
+
+        def _make_room(self) -> None:
+            """Over the cap: close idle keep-alive connections, then connections that have sent
+            nothing yet, oldest first. A client that connects and sends is never the oldest silent
+            one, so one holding many silent sockets loses its own instead of locking others out
+            until the header timeout (1,024 silent sockets did that for 10 s at a time)."""
+            others = [c for c in self.connections if c is not self and hasattr(c, "_silent")]
+            idle = [c for c in others if c._idle()]
+            silent = sorted((c for c in others if c._silent and not c._idle()), key=lambda c: c._opened)
+            for other in idle + silent:
+                if len(self.connections) <= self.cfg.max_connections:
+                    break
+                if other._silent and not other._idle():
+                    other._refuse(503, "Service Unavailable", "too many open connections")
+                else:
+                    other.transport.close()
+                self.connections.discard(other)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

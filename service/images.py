@@ -90,7 +90,8 @@ def _check_geometry(name: str, fmt: str, w: int, h: int, limits: ImageLimits) ->
         raise ImageError(f"{name}: {w}x{h} exceeds the limit of {limits.max_side} pixels per side", status=413)
     aspect = max(w, h) / min(w, h)
     if aspect > limits.max_aspect:
-        raise ImageError(f"{name}: {w}x{h} has an aspect ratio of {aspect:.0f}:1, over the limit of "
+        shown = f"{aspect:.2f}".rstrip("0").rstrip(".")  # 2001x100: 20.01, not a rounded 20 over a limit of 20
+        raise ImageError(f"{name}: {w}x{h} has an aspect ratio of {shown}:1, over the limit of "
                          f"{limits.max_aspect:g}:1", status=413)
     if w * h > limits.max_pixels:
         raise ImageError(f"{name}: {w}x{h} pixels exceeds the limit of {limits.max_pixels}", status=413)

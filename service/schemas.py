@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 from prompts_store.artifact import SHA256_PATTERN, TENANT_PATTERN
 from prompts_store.registry import CLASS_NAME_PATTERN, MAX_CLASS_NAME, MAX_CLASSES
@@ -28,9 +28,19 @@ THETA_OVERRIDE = "Per-request θ (default: the tenant's setting, else the θ its
 
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
 ClassName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASS_NAME, pattern=CLASS_NAME_PATTERN)]
+
+
+def _unique(classes: list[str]) -> list[str]:
+    """The schema's uniqueItems, enforced as a 422 like the rest of it (the store's own check is a 400)."""
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ValueError(f"class names must be unique; given more than once: {repeated[:5]}")
+    return classes
+
+
 ClassList = Annotated[list[ClassName], Field(min_length=1, max_length=MAX_CLASSES, json_schema_extra={"uniqueItems": True},
                                              description="Class names: unique, non-empty, no control characters, "
-                                                         "no leading or trailing space.")]
+                                                         "no leading or trailing space."), AfterValidator(_unique)]
 
 
 def _json_integer(value: Any) -> Any:

@@ -87,6 +87,9 @@ def test_errors_are_json_with_the_right_status(server):
         assert r.status_code in (400, 422) and r.json()["error"], (bad, r.text)
     r = httpx.get(f"{server.url}/v1/tenants?limit=10&limt=3", headers=auth(ADMIN_KEY))
     assert r.status_code == 422 and "limt" in r.json()["error"]
+    # the schema says uniqueItems: a 422 like its other constraints (was: the store's 400)
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "x", "classes": ["a", "b", "a"]}, headers=auth(ADMIN_KEY))
+    assert r.status_code == 422 and "given more than once: ['a']" in r.json()["error"], r.text
 
 
 def test_register_rotate_rollback_without_body(server, embedded_encoder):

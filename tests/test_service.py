@@ -274,6 +274,8 @@ def test_pinned_pairs_and_writes_that_cannot_be_served(server, tenants, embedded
     # re-pin: the answer says the pair was not trained together
     r = httpx.post(f"{server.url}/v1/tenants/pinned/pin", json={"global_version": g1_version}, headers=auth(key))
     assert r.status_code == 200 and r.json()["pinned"] and "not trained together" in r.json()["notes"][0]
+    r = httpx.post(f"{server.url}/v1/tenants/pinned/pin", json={"global_version": 999}, headers=auth(key))
+    assert r.status_code == 404 and "0 is the built-in hand prompt" in r.json()["error"], r.text
 
     # writes that validate but cannot be served: 409 naming the problem, nothing changes
     long_name = "a," * 49 + "a"
