@@ -118,6 +118,8 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads, wrapped
+        return error_response(422, "invalid request: body: JSON nested too deeply")  # as other malformed JSON
     headers = exc.headers
     if exc.status_code == 405:
         headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
