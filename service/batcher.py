@@ -333,7 +333,8 @@ class MicroBatcher:
         return await job.future
 
     def _take_batch(self) -> list[tuple[_Job, int, int]]:
-        """Up to max_batch rows, one at a time round-robin between keys (and a key's requests); (job, start, stop) slices."""
+        """Up to max_batch rows, one at a time round-robin between keys (and a key's requests);
+        (job, start, stop) slices."""
         slices: dict[int, list] = {}
         count = 0
         now = time.monotonic()

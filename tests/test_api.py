@@ -88,10 +88,12 @@ def test_errors_are_json_with_the_right_status(server):
     r = httpx.get(f"{server.url}/v1/tenants?limit=10&limt=3", headers=auth(ADMIN_KEY))
     assert r.status_code == 422 and "limt" in r.json()["error"]
     deep = "[" * 5000 + "]" * 5000  # was: 400 "There was an error parsing the body"; malformed JSON is a 422
-    r = httpx.post(f"{server.url}/v1/tenants", content=deep, headers={**auth(ADMIN_KEY), "Content-Type": "application/json"})
+    r = httpx.post(f"{server.url}/v1/tenants", content=deep,
+                   headers={**auth(ADMIN_KEY), "Content-Type": "application/json"})
     assert r.status_code == 422 and "nested too deeply" in r.json()["error"], r.text
     # the schema says uniqueItems: a 422 like its other constraints (was: the store's 400)
-    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "x", "classes": ["a", "b", "a"]}, headers=auth(ADMIN_KEY))
+    r = httpx.post(f"{server.url}/v1/tenants", json={"tenant": "x", "classes": ["a", "b", "a"]},
+                   headers=auth(ADMIN_KEY))
     assert r.status_code == 422 and "given more than once: ['a']" in r.json()["error"], r.text
 
 
