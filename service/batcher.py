@@ -66,13 +66,15 @@ def background_thread(name: str) -> None:
 
 class RequestClock:
     """How long a request has waited for others: its age since its bytes arrived (the kernel's
-    record, stamped by service/connections.py) less the time the decode pool spent on its own
-    images. A large request decoding for seconds is working, not waiting; a small one whose image
-    sat behind other tenants' work is waiting."""
+    record, stamped by service/connections.py) less its own work: the time its body took to arrive
+    (the client's upload) and the time the decode pool spent on its own images. A large request
+    decoding for seconds, or one uploaded over a slow link, is not waiting; a small one whose image
+    sat behind other tenants' work is."""
 
     def __init__(self, arrived: float):
         self.arrived = arrived  # time.monotonic() when the request's bytes arrived
-        self.own_work_s = 0.0  # decode time on the pool, added by its worker threads
+        self.own_work_s = 0.0  # its body's arrival and its decode time, added as they happen
+        self.refused = False  # refused as late by the decode pool (counted once)
 
     def waited_s(self, now: float) -> float:
         return max(0.0, now - self.arrived - self.own_work_s)
@@ -88,10 +90,12 @@ class Overloaded(RuntimeError):
 
 
 class FairQueue(Generic[T]):
-    """Round-robin between keys (tenants) and, within a key, between its groups (requests); FIFO
-    within a group. Two levels, so a tenant's small request does not wait behind its own large one,
-    and a tenant sending many requests at once gets no larger share than one sending one. Not
-    thread-safe by itself."""
+    """Round-robin between keys (tenants); within a key, FIFO between its groups (requests) and
+    within a group. `pop(allowed)` looks at the head of each group, so a worker that may not take a
+    tenant's first request's head (a light-only decode worker, a heavy image) takes the next
+    request's: a tenant's small request does not wait behind its own large one. Between a key's
+    groups FIFO, not round-robin: sharing among a burst of one tenant's requests would finish every
+    one of them late. Not thread-safe by itself."""
 
     def __init__(self) -> None:
         self._queues: OrderedDict[str, OrderedDict[Hashable, deque[T]]] = OrderedDict()
@@ -103,29 +107,26 @@ class FairQueue(Generic[T]):
 
     def pop(self, allowed: Callable[[T], bool] = lambda item: True) -> T | None:
         """The head item of the first group, of the first key (in turn), whose head is allowed; that
-        group and that key go to the back."""
+        key goes to the back."""
         for key, groups in self._queues.items():
             for group, queue in groups.items():
                 if allowed(queue[0]):
-                    self._rotate(key, group)
+                    self._queues.move_to_end(key)
                     return self._remove_head(key, group)
         return None
 
     def turn(self) -> tuple[str, Hashable, T] | None:
-        """The next key and group in turn and its head item, left in place; both go to the back."""
+        """The next key in turn, its first group and that group's head item, left in place; the key
+        goes to the back."""
         if not self._queues:
             return None
         key, groups = next(iter(self._queues.items()))
         group, queue = next(iter(groups.items()))
-        self._rotate(key, group)
+        self._queues.move_to_end(key)
         return key, group, queue[0]
 
     def discard_head(self, key: str, group: Hashable = None) -> None:
         self._remove_head(key, group)
-
-    def _rotate(self, key: str, group: Hashable) -> None:
-        self._queues[key].move_to_end(group)
-        self._queues.move_to_end(key)
 
     def _remove_head(self, key: str, group: Hashable) -> T:
         groups = self._queues[key]
@@ -160,8 +161,10 @@ class FairPool:
     takes light tasks only and the others (which may take heavy ones) run at a lower OS priority, so
     a large decode yields the CPU to the event loop and to small requests."""
 
-    def __init__(self, workers: int, name: str = "decode"):
+    def __init__(self, workers: int, name: str = "decode", deadline_s: float | None = None):
         self.workers = workers
+        self.deadline_s = deadline_s  # a task whose request has waited longer is refused, not run
+        self.shed_late = 0  # requests so refused
         self._queue: FairQueue[_Task] = FairQueue()
         self._cond = threading.Condition()
         self._closed = False
@@ -184,9 +187,27 @@ class FairPool:
                 if self._closed:
                     return None
                 task = self._queue.pop(lambda t: heavy_ok or not t.heavy)
-                if task is not None:
+                if task is None:
+                    self._cond.wait()
+                elif not self._late(task):
                     return task
-                self._cond.wait()
+
+    def _late(self, task: _Task) -> bool:
+        """Refuse (503), before its decode, a task whose request has already waited past the deadline:
+        under a burst, decoding it would be work thrown away when the batcher refuses it as late."""
+        clock = task.clock
+        if self.deadline_s is None or clock is None:
+            return False
+        waited = clock.waited_s(time.monotonic())
+        if waited <= self.deadline_s:
+            return False
+        if not clock.refused:
+            clock.refused = True
+            self.shed_late += 1
+        error = Overloaded(waited - self.deadline_s, f"waited {waited:.1f} s for the decoders: it would finish "
+                                                      f"past the {self.deadline_s:g} s deadline")
+        task.loop.call_soon_threadsafe(_settle, task.future, None, error)
+        return True
 
     def _work(self, heavy_ok: bool) -> None:
         name_os_thread(threading.current_thread().name)
@@ -221,10 +242,11 @@ class AdmissionGate:
     """Sheds a request when the wait it has had plus the time it will spend in the app exceeds the deadline.
 
     Under overload most of the queue is in the kernel (accept queue, unread sockets), before any
-    Python code sees a request; the server measures that part per request (`waited_s`). The time
-    in the app is the upper quartile among the last 64 classify requests to finish: it grows when
-    most requests are slow (congestion), while a few large legal requests (a minute of decoding)
-    do not make the gate shed the small ones beside them. Upper, not lower or median: a request the
+    Python code sees a request; the server measures that part per request (`waited_s`). The wait
+    in the app is the upper quartile among the last 64 classify requests to finish in the last 10 s,
+    each its time in the app less its own work (its body's upload, its decode; RequestClock): it
+    grows when requests wait (congestion), while large legal requests (a minute of decoding) and
+    slow uploads do not make the gate shed the small ones beside them. Upper, not lower or median: a request the
     gate admits too optimistically is refused in the encoder queue anyway (`MicroBatcher._late`),
     after its body was read and its images decoded; at 120% of capacity the lower quartile (of 16)
     left 13% of requests to that costlier refusal and served 67% of capacity, the median (of 64)
@@ -232,17 +254,21 @@ class AdmissionGate:
     """
 
     RECENT = 64
+    RECENT_S = 10.0  # older samples are forgotten: a past burst does not shed the requests after it
 
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
         self.in_flight = 0
         self.shed = 0
         self.waited_s = 0.0  # running mean of the wait before the app, for /info
-        self._recent: deque[float] = deque(maxlen=self.RECENT)  # time in the app of the last requests
+        self._recent: deque[tuple[float, float]] = deque(maxlen=self.RECENT)  # (when, wait in the app)
 
     @property
     def in_app_s(self) -> float:
-        recent = sorted(self._recent)
+        horizon = time.monotonic() - self.RECENT_S
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        recent = sorted(wait for _, wait in self._recent)
         return recent[3 * len(recent) // 4] if recent else 0.0  # the upper quartile
 
     def expected_wait_s(self, waited_s: float = 0.0) -> float:
@@ -258,10 +284,12 @@ class AdmissionGate:
                                                       f"{self.deadline_s:g} s deadline")
         self.in_flight += 1
 
-    def done(self, seconds_in_app: float) -> None:
-        """An admitted request finished after `seconds_in_app`."""
+    def done(self, waited_in_app_s: float) -> None:
+        """An admitted request finished (answered or refused) after waiting `waited_in_app_s` in the
+        app: its time there less its own work (its body's upload, its decode), so a large request or
+        a slow uploader does not make the gate shed the small requests beside it."""
         self.in_flight -= 1
-        self._recent.append(seconds_in_app)
+        self._recent.append((time.monotonic(), waited_in_app_s))
 
 
 @dataclass
@@ -333,8 +361,7 @@ class MicroBatcher:
         return await job.future
 
     def _take_batch(self) -> list[tuple[_Job, int, int]]:
-        """Up to max_batch rows, one at a time round-robin between keys (and a key's requests);
-        (job, start, stop) slices."""
+        """Up to max_batch rows, one at a time round-robin between keys; (job, start, stop) slices."""
         slices: dict[int, list] = {}
         count = 0
         now = time.monotonic()

@@ -96,7 +96,7 @@ class Engine:
             torch.set_num_threads(1)
         self.batcher = MicroBatcher(self.backend, cfg.max_batch, cfg.max_wait_ms, cfg.max_pending_images,
                                     cfg.admission_deadline_s)
-        self.decode_pool = FairPool(cfg.decode_threads)
+        self.decode_pool = FairPool(cfg.decode_threads, deadline_s=cfg.admission_deadline_s)
         self.gpu_decoder = make_decoder(cfg.gpu_decode, self.encoder, cfg.max_decoded_pixels)
         self.admission = AdmissionGate(cfg.admission_deadline_s)
         self.preprocess = image_io.SplitPreprocess.of(self.encoder.preprocess)  # batched ToTensor + Normalize
@@ -199,11 +199,11 @@ class Engine:
 
     # ---- classification -----------------------------------------------------------------
     async def classify(self, tenant: str, images: list[tuple[bytes, str]], top_k: int,
-                       theta: float | None = None, arrived: float | None = None) -> Classification:
+                       theta: float | None = None, clock: RequestClock | None = None) -> Classification:
         """Image files `(bytes, name)` -> decode (fairly, bounded per image) -> encode (batched fairly
-        between tenants) -> rank against the tenant's classes. `arrived`: time.monotonic() when the
-        request's bytes arrived (default: now), from which its wait is measured for shedding."""
-        clock = RequestClock(time.monotonic() if arrived is None else arrived)
+        between tenants) -> rank against the tenant's classes. `clock`: the request's wait so far,
+        for shedding late work (default: it arrived now)."""
+        clock = clock or RequestClock(time.monotonic())
         REQUEST_CLOCK.set(clock)  # this request's task: decode workers add their time to it
         view = await asyncio.to_thread(self.view, tenant, theta)  # a bad θ is a 400 before any decode
         metrics.count_cache(view.cache_hit)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, Mapping
 from prompts_store.errors import StoreError, UnknownTenant
 from prompts_store.keys import hash_key, key_tenant
 from service import metrics
-from service.batcher import Overloaded
+from service.batcher import Overloaded, RequestClock
 from service.connections import ARRIVED
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ MULTIPART_SLACK = 64 << 10  # multipart boundaries, part headers and small form 
 DRAIN_BYTES = 256 << 10  # a refused body this small is read and dropped: the connection stays usable
 DRAIN_S = 1.0  # for at most this long: a client that declared a body and sends none still gets its answer
 AUTHORIZED = "promptfolio.authorized"  # scope key: (key, tenant) the guard accepted for this request
+CLOCK = "promptfolio.clock"  # scope["state"] key: an admitted classify request's RequestClock
 
 
 class APIError(Exception):
@@ -158,11 +159,14 @@ class RequestGuard:
         if refusal is None and access.who == "tenant":  # the route need not read the key files again
             scope[AUTHORIZED] = (presented_key(headers), access.tenant)
         gate = engine.admission if refusal is None and access.body == "classify" else None
+        clock = None
         if gate is not None:
             arrived = scope.get("state", {}).get(ARRIVED)  # stamped by service/connections.py
             now = time.monotonic()  # not loop.time(): see ARRIVED
             try:
                 gate.admit(max(0.0, now - arrived) if arrived else 0.0)
+                clock = RequestClock(arrived or now)  # its wait, less its own work, for shedding and the gate
+                scope.setdefault("state", {})[CLOCK] = clock
             except Overloaded as e:  # shed before the body is read
                 refusal = 503, str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}
                 gate = None
@@ -172,11 +176,11 @@ class RequestGuard:
             return
         status = None
         try:
-            status = await self._guarded(scope, receive, send, limit)
+            status = await self._guarded(scope, receive, send, limit, clock)
         finally:
             if gate is not None:
                 end = time.monotonic()
-                gate.done(end - now)
+                gate.done(max(0.0, end - now - clock.own_work_s))
                 if status == 200:
                     metrics.answered_seconds.observe(end - (arrived or now))
 
@@ -194,16 +198,21 @@ class RequestGuard:
             return 413, f"request body exceeds the {limit}-byte limit", None
         return None
 
-    async def _guarded(self, scope, receive, send, limit: int) -> int | None:
-        """The app behind a byte count; returns the status it answered (None: no answer)."""
-        received, refused, started, status = 0, False, False, None
+    async def _guarded(self, scope, receive, send, limit: int, clock: RequestClock | None) -> int | None:
+        """The app behind a byte count; returns the status it answered (None: no answer). The time
+        spent waiting for the body's bytes is the client's upload: the request's own, on `clock`."""
+        received, refused, started, status, body_done = 0, False, False, None, False
 
         async def counted_receive():
-            nonlocal received, refused
+            nonlocal received, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
+            start = time.monotonic()
             message = await receive()
+            if clock is not None and not body_done:
+                clock.own_work_s += time.monotonic() - start
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     refused = True

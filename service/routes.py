@@ -21,10 +21,9 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from prompts_store.artifact import TENANT_PATTERN, artifact_bytes
 from service import metrics, writes
 from service import images as image_io
-from service.connections import ARRIVED
 from service.engine import Engine, TenantView
 from service.errors import responses
-from service.guard import AUTHORIZED, APIError, check_admin, check_member, check_tenant, presented_key
+from service.guard import AUTHORIZED, CLOCK, APIError, check_admin, check_member, check_tenant, presented_key
 from service.schemas import (
     DEFAULT_PAGE, DEFAULT_TOP_K, MAX_PAGE, MAX_TOP_K, THETA_OVERRIDE, Classification, ClassifyForm, ClassifyJSON,
     GlobalVersion, NewKey, NewTenant, PublishedGlobal, RegisteredTenant, Repin, Repinned, Rollback, RolledBack,
@@ -114,7 +113,7 @@ def info(request: Request) -> ServiceInfo:
         admission={"in_flight": admission.in_flight, "shed": admission.shed,
                    "expected_wait_s": round(admission.expected_wait_s(), 3), "deadline_s": admission.deadline_s,
                    "mean_wait_before_app_s": round(admission.waited_s, 3),
-                   "shed_in_queue": engine.batcher.shed_in_queue})
+                   "shed_in_queue": engine.batcher.shed_in_queue + engine.decode_pool.shed_late})
 
 
 # ---- admin --------------------------------------------------------------------------------------
@@ -267,8 +266,8 @@ async def classify(request: Request, tenant: TenantPath, engine: TenantEngine) -
     else:
         given = repr(kind) if kind else "a body without a Content-Type"
         raise APIError(415, f"send the images as multipart/form-data or application/json, not {given}")
-    arrived = request.scope.get("state", {}).get(ARRIVED)  # stamped by service/connections.py
-    answer = await engine.classify(tenant, images, top_k, theta, arrived)
+    clock = request.scope.get("state", {}).get(CLOCK)  # made by the guard at admission
+    answer = await engine.classify(tenant, images, top_k, theta, clock)
     metrics.count_classify(tenant, len(images))
     # serialised once by pydantic: returning the model would run FastAPI's encoding pass again (0.7 ms
     # for a 32-image answer); the schema still comes from response_model

@@ -221,7 +221,7 @@ class AdmissionInfo(BaseModel):
     expected_wait_s: float
     deadline_s: float
     mean_wait_before_app_s: float
-    shed_in_queue: int  # admitted, then refused at batch formation: they would have finished past the deadline
+    shed_in_queue: int  # admitted, then refused when their decode or batch would start: past the deadline
 
 
 class ServiceInfo(BaseModel):

@@ -12,7 +12,7 @@ from PIL import Image
 from promptfolio.embedded import evaluate, world
 from service.api import create_app
 from service.backends import BackendError, OnnxImageBackend, TorchImageBackend, make_backend, onnx_path
-from service.batcher import REQUEST_CLOCK, FairPool, MicroBatcher, Overloaded, RequestClock
+from service.batcher import REQUEST_CLOCK, AdmissionGate, FairPool, MicroBatcher, Overloaded, RequestClock
 from service.config import ServiceConfig
 from service.engine import Engine
 
@@ -112,26 +112,69 @@ def test_decode_workers_add_their_time_to_the_requests_clock():
 
 
 def test_a_tenants_small_request_does_not_wait_behind_its_own_large_one():
-    """The decode pool takes turns between tenants and, within a tenant, between its requests: a
-    small request's light image is not queued behind the same tenant's heavy ones."""
-    async def scenario(pool: FairPool) -> tuple[float, float]:
-        async def request(tasks: int, heavy: bool) -> float:
-            REQUEST_CLOCK.set(RequestClock(time.monotonic()))  # a request is known by its clock
-            start = time.perf_counter()
-            await asyncio.gather(*[pool.run("acme", lambda: time.sleep(0.2), heavy=heavy) for _ in range(tasks)])
-            return time.perf_counter() - start
+    """Within a tenant, requests are served in order, but the light-only decode worker takes the
+    first light task of any of the tenant's requests: a small request's image is not queued behind
+    the same tenant's heavy ones."""
+    async def request(pool: FairPool, tasks: int, heavy: bool, seconds: float = 0.2) -> float:
+        REQUEST_CLOCK.set(RequestClock(time.monotonic()))  # a request is known by its clock
+        start = time.perf_counter()
+        await asyncio.gather(*[pool.run("acme", lambda: time.sleep(seconds), heavy=heavy) for _ in range(tasks)])
+        return time.perf_counter() - start
 
-        large = asyncio.create_task(request(4, heavy=True))
+    async def small_beside_large(pool: FairPool) -> tuple[float, float]:
+        large = asyncio.create_task(request(pool, 4, heavy=True))
         await asyncio.sleep(0.05)
-        return await request(1, heavy=False), await large
+        return await request(pool, 1, heavy=False), await large
 
-    for workers, bound in ((2, 0.35), (1, 0.75)):  # a light worker is free / the one worker: a turn or two
-        pool = FairPool(workers)
-        try:
-            small, large = asyncio.run(scenario(pool))
-        finally:
-            pool.close()
-        assert small < bound < large, (workers, small, large)  # was: after all 4 heavy tasks (0.8 s)
+    async def burst(pool: FairPool) -> list[float]:
+        return await asyncio.gather(*[request(pool, 2, heavy=True, seconds=0.05) for _ in range(6)])
+
+    pool = FairPool(2)
+    try:
+        small, large = asyncio.run(small_beside_large(pool))
+        finished = asyncio.run(burst(pool))
+    finally:
+        pool.close()
+    assert small < 0.35 < large, (small, large)  # was: after all 4 heavy tasks (0.8 s)
+    # a burst of one tenant's requests is served in order (sharing would finish all of them last)
+    assert finished == sorted(finished) and finished[0] < 0.2 < finished[-1], finished
+
+
+def test_the_decode_pool_refuses_work_already_past_the_deadline():
+    ran = []
+
+    async def request(tasks: int) -> None:
+        REQUEST_CLOCK.set(RequestClock(time.monotonic()))
+        await asyncio.gather(*[pool.run("acme", lambda: ran.append(tasks) or time.sleep(0.2), heavy=True)
+                               for _ in range(tasks)])
+
+    async def scenario():
+        first = asyncio.create_task(request(3))
+        await asyncio.sleep(0.01)
+        late = await asyncio.gather(request(1), return_exceptions=True)
+        await first
+        return late[0]
+
+    pool = FairPool(1, deadline_s=0.3)
+    try:
+        late = asyncio.run(scenario())
+    finally:
+        pool.close()
+    # it waited 0.6 s behind the first request: refused when its turn came, without decoding
+    assert isinstance(late, Overloaded) and "deadline" in str(late), late
+    assert ran == [3, 3, 3] and pool.shed_late == 1
+
+
+def test_the_gate_forgets_old_waits():
+    gate = AdmissionGate(deadline_s=1.0)
+    gate.RECENT_S = 0.2
+    gate.admit()
+    gate.done(5.0)  # a burst's request that waited 5 s in the app
+    gate.admit()  # in flight: the next one expects to wait as long
+    with pytest.raises(Overloaded):
+        gate.admit()
+    time.sleep(0.25)
+    gate.admit()  # forgotten: a past burst does not shed the requests after it
 
 
 def test_saturated_service_answers_503_with_retry_after(embedded_encoder, tmp_path):
