@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -123,7 +124,12 @@ def probe(data: bytes, name: str, limits: ImageLimits) -> Probed:
                 img.draft("RGB", (limits.target_size, limits.target_size))  # DCT scaling while decoding
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own check (89 M pixels) runs in Image.open, before ours can see the size
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageError(f"{name}: {pixels[1] if pixels else 'its'} pixels exceeds the limit of {limits.max_pixels}",
+                         status=413) from None
+    except UnidentifiedImageError:
         raise ImageError(f"{name}: not a decodable image") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{name}: corrupt image ({e})") from None
