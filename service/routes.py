@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.utils import get_flat_dependant
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import UploadFile as StarletteUpload
@@ -30,7 +31,33 @@ from service.schemas import (
     ServiceInfo, TenantInfo, TenantPage, TenantUpdate, UploadedLocal,
 )
 
-router = APIRouter()
+async def strict_request(request: Request) -> None:
+    """Unknown or repeated query parameters and form fields are a 422, as unknown JSON fields are
+    (FastAPI ignores the former, and takes the last of a repeated one): a misspelt `?top_k=` or
+    `allow_unpined` is an error, not a silent default. Classify's own multipart form is checked
+    where it is parsed (`_form_images`)."""
+    route = request.scope.get("route")
+    if route is None or not hasattr(route, "dependant"):
+        return
+    flat = get_flat_dependant(route.dependant)
+    given = [name for name, _ in request.query_params.multi_items()]
+    _check_names("query parameter", given, {p.alias for p in flat.query_params})
+    fields = {p.alias for p in flat.body_params}
+    if fields and request.headers.get("content-type", "").startswith("multipart/form-data"):
+        _check_names("form field", [name for name, _ in (await request.form()).multi_items()], fields)
+
+
+def _check_names(what: str, given: list[str], known: set[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        hint = f" (known: {', '.join(sorted(known))})" if known else f" (this route takes no {what}s)"
+        raise APIError(422, f"invalid request: unknown {what}(s) {unknown[:5]!r}{hint}")
+    repeated = sorted({name for name in given if given.count(name) > 1})
+    if repeated:
+        raise APIError(422, f"invalid request: {what} {repeated[0]!r} given more than once")
+
+
+router = APIRouter(dependencies=[Depends(strict_request)])
 bearer = HTTPBearer(auto_error=False, description="A tenant key (`pf.<tenant>.<secret>`) reaches its own tenant; "
                                                   "the admin key (PROMPTFOLIO_ADMIN_KEY) reaches everything.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -129,14 +156,11 @@ def register_tenant(body: NewTenant, engine: AdminEngine) -> RegisteredTenant:
 
 
 @router.get("/tenants", response_model=TenantPage, tags=["admin"], responses=responses(401, 403, 422))
-def list_tenants(request: Request, engine: AdminEngine, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+def list_tenants(engine: AdminEngine, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
                  after: Annotated[str | None, Query(pattern=TENANT_PATTERN,
                                                     description="the last id of the previous page")] = None
                  ) -> TenantPage:
     """Tenant ids in ascending order, one page at a time (follow `next`)."""
-    unknown = sorted(set(request.query_params) - {"limit", "after"})
-    if unknown:  # a misspelt parameter is an error, not a silent default
-        raise APIError(422, f"invalid request: unknown query parameter(s) {unknown[:5]!r} (use limit and after)")
     page = engine.store.tenant_page(after, limit + 1)
     return TenantPage(tenants=page[:limit], next=page[limit - 1] if len(page) > limit else None)
 
@@ -302,19 +326,18 @@ async def _form_images(request: Request, engine: Engine) -> tuple[list[tuple[byt
     cfg = engine.cfg
     # parts beyond this are refused by the parser (400); between the limit and this, by the count below (413)
     form = await request.form(max_files=4 * cfg.max_images_per_request + 16, max_fields=16)
+    fields = [(k, v) for k, v in form.multi_items() if k != "images"]
+    _check_names("form field", [k for k, _ in fields], set(ClassifyForm.model_fields) | {"images"})
     uploads = [v for k, v in form.multi_items() if k == "images"]
     files = [u for u in uploads if isinstance(u, StarletteUpload)]
     if not uploads:
         raise APIError(422, "invalid request: body.images: Field required (one or more image files)")
     if len(files) != len(uploads):
         raise APIError(422, "invalid request: body.images: each 'images' part must be a file")
-    fields = [(k, v) for k, v in form.multi_items() if k != "images"]
-    names = [k for k, _ in fields]
     for name, value in fields:
-        if names.count(name) > 1 or not isinstance(value, str):
-            problem = "given more than once" if names.count(name) > 1 else "a value, not a file"
-            raise APIError(422, f"invalid request: body.{name}: {problem}")
-    options = ClassifyForm.model_validate(dict(fields))  # a ValidationError (unknown field too) is a 422
+        if not isinstance(value, str):
+            raise APIError(422, f"invalid request: body.{name}: a value, not a file")
+    options = ClassifyForm.model_validate(dict(fields))  # a ValidationError is a 422
     for i, upload in enumerate(files):
         image_io.check_content_type(upload.content_type, upload.filename or f"image {i}")
     _check_count(engine, len(files))

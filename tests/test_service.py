@@ -171,7 +171,20 @@ def test_bad_input_gets_clear_4xx(server, tenants, embedded_encoder):
     assert r.status_code == 422 and "topk" in r.json()["error"], r.text
     r = httpx.post(f"{server.url}/v1/tenants/acme/classify", files=[("images", ("a.png", png, "image/png"))],
                    data={"top_k": ["1", "2"]}, headers=auth(acme))
-    assert r.status_code == 422 and "top_k: given more than once" in r.json()["error"], r.text
+    assert r.status_code == 422 and "'top_k' given more than once" in r.json()["error"], r.text
+    r = httpx.post(f"{server.url}/v1/tenants/acme/classify", files=[("image", ("a.png", png, "image/png"))],
+                   headers=auth(acme))  # 'image' for 'images'
+    assert r.status_code == 422 and "unknown form field(s) ['image'] (known: images, theta, top_k)" in r.text, r.text
+    # and everywhere: unknown or repeated query parameters and upload form fields (were ignored, or the last taken)
+    r = httpx.post(f"{server.url}/v1/tenants/acme/classify?top_k=1", files=[("images", ("a.png", png, "image/png"))],
+                   headers=auth(acme))
+    assert r.status_code == 422 and "unknown query parameter(s) ['top_k']" in r.json()["error"], r.text
+    assert httpx.get(f"{server.url}/v1/tenants/acme?foo=1", headers=auth(acme)).status_code == 422
+    r = httpx.get(f"{server.url}/v1/tenants?limit=2&limit=3", headers=auth(ADMIN_KEY))
+    assert r.status_code == 422 and "'limit' given more than once" in r.json()["error"], r.text
+    r = httpx.post(f"{server.url}/v1/tenants/acme/prompt", headers=auth(acme), data={"allow_unpined": "true"},
+                   files={"file": ("p.safetensors", b"x", "application/octet-stream")})
+    assert r.status_code == 422 and "['allow_unpined'] (known: allow_unpinned, file)" in r.json()["error"], r.text
     r = httpx.post(f"{server.url}/v1/tenants/acme/classify", content=png, headers=auth(acme))  # no Content-Type
     assert r.status_code == 415 and "without a Content-Type" in r.json()["error"], r.text
     r = classify(server, "nobody", ADMIN_KEY, [png])
