@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
@@ -56,7 +57,7 @@ def _check_names(what: str, given: list[str], known: set[str]) -> None:
     if unknown:
         hint = f" (known: {', '.join(sorted(known))})" if known else f" (this route takes no {what}s)"
         raise APIError(422, f"invalid request: unknown {what}(s) {unknown[:5]!r}{hint}")
-    repeated = sorted({name for name in given if given.count(name) > 1})
+    repeated = sorted(name for name, n in Counter(given).items() if n > 1)
     if repeated:
         raise APIError(422, f"invalid request: {what} {repeated[0]!r} given more than once")
 

@@ -7,10 +7,13 @@ its shape, and one it forbids is answered 422 before any work is done.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any
 
 from annotated_types import Ge, Le
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, model_validator,
+)
 
 from prompts_store.artifact import SHA256_PATTERN, TENANT_PATTERN
 from prompts_store.registry import CLASS_NAME_PATTERN, MAX_CLASS_NAME, MAX_CLASSES
@@ -32,7 +35,7 @@ ClassName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASS_
 
 def _unique(classes: list[str]) -> list[str]:
     """The schema's uniqueItems, enforced as a 422 like the rest of it (the store's own check is a 400)."""
-    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    repeated = sorted(c for c, n in Counter(classes).items() if n > 1)
     if repeated:
         raise ValueError(f"class names must be unique; given more than once: {repeated[:5]}")
     return classes
