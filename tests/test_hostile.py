@@ -399,3 +399,21 @@ def test_a_burst_of_one_tenants_requests_is_served_not_all_shed(server, keys):
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
     assert all(r.headers.get("retry-after") for r in answers if r.status_code == 503)
     assert max(r.elapsed.total_seconds() for r in answers) < 4 * DEADLINE + 1, [r.elapsed for r in answers]
+
+
+def test_a_slow_upload_is_not_counted_as_waiting(server, keys):
+    """A body that takes longer than the deadline to arrive (a slow link) is the client's own time,
+    not a wait in the server's queue: answered 200 (was: refused 503 as late once it arrived)."""
+    content_type, body = overload.multipart([png("RGB", 64, 64, (10, 200, 10))])
+    head = (f"POST /v1/tenants/acme/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {keys['acme']}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    pieces = 6
+    step = -(-len(body) // pieces)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(3 * BODY_TIMEOUT)
+        sock.sendall(head)
+        for i in range(pieces):  # 1.2 s to upload, over twice the 0.5 s deadline
+            time.sleep(0.2)
+            sock.sendall(body[i * step:(i + 1) * step])
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
