@@ -32,7 +32,8 @@ from promptfolio.prompts import encode_classes, init_context
 from service import images as image_io
 from service import metrics
 from service.backends import make_backend
-from service.batcher import REQUEST_CLOCK, AdmissionGate, FairPool, MicroBatcher, RequestClock, background_thread
+from service.admission import AdmissionGate
+from service.batcher import REQUEST_CLOCK, FairPool, MicroBatcher, RequestClock, background_thread
 from service.config import ServiceConfig
 from service.features import FeatureCache, classes_digest, load_persisted, persist
 from service.gpu_decode import make_decoder

@@ -12,7 +12,8 @@ from PIL import Image
 from promptfolio.embedded import evaluate, world
 from service.api import create_app
 from service.backends import BackendError, OnnxImageBackend, TorchImageBackend, make_backend, onnx_path
-from service.batcher import REQUEST_CLOCK, AdmissionGate, FairPool, MicroBatcher, Overloaded, RequestClock
+from service.admission import AdmissionGate
+from service.batcher import REQUEST_CLOCK, FairPool, MicroBatcher, Overloaded, RequestClock
 from service.config import ServiceConfig
 from service.engine import Engine
 
